@@ -1,0 +1,72 @@
+"""The embedded default workload: synthetic shapes VQA and the small LVLM trained on it.
+
+Variants (`demo.py:arg`): `smoke` (seconds; for tests), `retrain` (train the teacher
+here instead of loading the shipped one). Anything else: `--config.key=value`.
+"""
+
+import os
+
+import ml_collections
+
+from sab_jax import config_utils, sharding
+
+_REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def get_config(arg=None):
+  arg = config_utils.parse_arg(arg, smoke=False, retrain=False)
+  c = ml_collections.ConfigDict()
+  # Stages run in this order by `sab_jax.main`.
+  c.stages = ("data", "teacher", "eval_fp")
+  c.seed = 0
+
+  c.data = ml_collections.ConfigDict()
+  # TFDS builder config evaluated on ('small' has the same test split as 'default').
+  c.data.config = "small"
+  # Builder config the teacher trains on.
+  c.data.train_config = "default"
+  # None: $TFDS_DATA_DIR or ~/tensorflow_datasets.
+  c.data.data_dir = ml_collections.config_dict.placeholder(str)
+  # Prompt = bos + 16 image tokens + question (<= 12 words): 29 tokens at most.
+  c.data.max_prompt_len = 32
+  # One-word answers + eos.
+  c.data.max_answer_len = 2
+
+  # Model: a variant from sab_jax.models.llava.VARIANTS plus field overrides.
+  c.model = ml_collections.ConfigDict({"variant": "demo", "vision": {}, "text": {}})
+
+  c.teacher = ml_collections.ConfigDict()
+  # The shipped teacher (trained with `demo.py:retrain`; see experiments/benchmarks/RESULTS.md).
+  c.teacher.init = os.path.join(_REPO, "experiments", "teacher", "demo")
+  # Train the teacher in this run instead of loading `init`.
+  c.teacher.retrain = arg.retrain
+
+  c.train = ml_collections.ConfigDict()
+  c.train.batch_size = 128
+  c.train.num_steps = 5000
+  c.train.lr = 2e-3
+  c.train.warmup_steps = 300
+  # Cosine decay ends at lr * final_lr_fraction.
+  c.train.final_lr_fraction = 0.02
+  c.train.weight_decay = 0.01
+  c.train.grad_clip = 1.0
+  c.train.log_every = 50
+  c.train.checkpoint_every = 500
+  c.train.keep_checkpoints = 2
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.split = "test"
+  c.eval.batch_size = 250
+  # <= 0: the whole split.
+  c.eval.max_examples = -1
+
+  # Mesh axes and sizes (-1: all remaining devices); rules map logical axes onto them.
+  c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "model": 1})
+  c.logical_axis_rules = sharding.DEFAULT_RULES
+
+  if arg.smoke:
+    c.data.config = c.data.train_config = "tiny"
+    c.train.num_steps, c.train.batch_size, c.train.log_every = 4, 8, 2
+    c.train.warmup_steps, c.train.checkpoint_every = 1, 2
+    c.eval.batch_size, c.eval.max_examples = 16, 32
+  return c

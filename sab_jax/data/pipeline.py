@@ -1,0 +1,185 @@
+"""Grain input pipeline: VQA records -> fixed-shape numpy batches for LLaVA-style models.
+
+One example is laid out as `[prompt, left-padded to Lp][answer + eos, right-padded to La]`,
+so every answer starts at column Lp and a batch needs no ragged shapes:
+
+    input_ids       int32   [B, Lp+La]  pad | bos image*N question | answer eos | pad
+    attention_mask  int32   [B, Lp+La]  1 on real tokens (positions = cumsum(mask) - 1)
+    loss_mask       float32 [B, Lp+La]  1 at t when input_ids[t+1] is an answer token or eos
+    prompt_ids      int32   [B, Lp]     the left-padded prompt (greedy decoding starts here)
+    prompt_mask     int32   [B, Lp]
+    pixel_values    float32 [B, H, W, 3]  (uint8 / 255 - mean) / std
+    answer          str     [B]         the reference answer
+    answers         str     [B, A]      all reference answers (A = 1 synthetic, 10 VQAv2)
+    question_type   int32   [B]         index into `question_types`
+    example_id      int64   [B]         only when the source records have it
+
+Records come from any random-access source (`tfds.data_source(...)[split]`,
+`builder.as_data_source()[split]`) with fields image, question, answer and optionally
+answers, question_type, example_id (str or bytes for text). Each process reads its own
+shard; shuffling is seeded and reshuffles every epoch; the returned `grain.IterDataset`'s
+iterator has `get_state()` / `set_state()` (and works with `grain.checkpoint`), so a run
+resumes on exactly the batch it stopped at.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Any, Sequence, SupportsIndex
+
+import grain
+import jax
+import numpy as np
+from PIL import Image
+
+from sab_jax.data import synthetic_vqa
+from sab_jax.data import tokenizer as tokenizer_lib
+
+# CLIP's per-channel image statistics (OpenAI CLIP, LLaVA's vision tower).
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def _text(value: Any) -> str:
+  return value.decode('utf-8') if isinstance(value, bytes) else str(value)
+
+
+class Preprocess:
+  """Turns one record into the fixed-shape arrays of one batch row (see module doc)."""
+
+  def __init__(self, tokenizer: tokenizer_lib.Tokenizer, *, num_image_tokens: int,
+               image_mean: Sequence[float], image_std: Sequence[float],
+               max_prompt_len: int, max_answer_len: int, image_size: int | None = None,
+               question_types: Sequence[str] = synthetic_vqa.QUESTION_TYPES):
+    self.tokenizer = tokenizer
+    self.num_image_tokens = num_image_tokens
+    self.mean = np.asarray(image_mean, np.float32)
+    self.std = np.asarray(image_std, np.float32)
+    self.max_prompt_len = max_prompt_len
+    self.max_answer_len = max_answer_len
+    self.image_size = image_size
+    self.question_types = tuple(question_types)
+
+  def tokens(self, question: str, answer: str) -> dict[str, np.ndarray]:
+    """input_ids / attention_mask / loss_mask / prompt_ids / prompt_mask of one example."""
+    tok, lp, la = self.tokenizer, self.max_prompt_len, self.max_answer_len
+    prompt = tokenizer_lib.prompt_ids(tok, question, self.num_image_tokens)
+    target = tok.encode(answer) + [tok.eos_id]
+    if len(prompt) > lp:
+      raise ValueError(
+          f'Prompt has {len(prompt)} tokens ({self.num_image_tokens} image tokens) but '
+          f'max_prompt_len={lp}; raise max_prompt_len. Question: {question!r}')
+    if len(target) > la:
+      raise ValueError(
+          f'Answer + eos has {len(target)} tokens but max_answer_len={la}; raise '
+          f'max_answer_len. Answer: {answer!r}')
+    input_ids = np.full(lp + la, tok.pad_id, np.int32)
+    attention_mask = np.zeros(lp + la, np.int32)
+    input_ids[lp - len(prompt):lp] = prompt
+    input_ids[lp:lp + len(target)] = target
+    attention_mask[lp - len(prompt):lp + len(target)] = 1
+    # Logits at t predict token t+1: the answer's logits sit at Lp-1 .. Lp+len-2.
+    loss_mask = np.zeros(lp + la, np.float32)
+    loss_mask[lp - 1:lp - 1 + len(target)] = 1.0
+    return dict(input_ids=input_ids, attention_mask=attention_mask, loss_mask=loss_mask,
+                prompt_ids=input_ids[:lp].copy(), prompt_mask=attention_mask[:lp].copy())
+
+  def pixels(self, image: Any) -> np.ndarray:
+    """uint8 image (array or encoded bytes) -> normalised float32 [H, W, 3]."""
+    if isinstance(image, (bytes, np.bytes_)):
+      image = np.asarray(Image.open(io.BytesIO(image)).convert('RGB'))
+    image = np.asarray(image)
+    if image.ndim == 2 or image.shape[-1] == 1:
+      image = np.broadcast_to(image.reshape(image.shape[:2] + (1,)), image.shape[:2] + (3,))
+    if self.image_size is not None and image.shape[:2] != (self.image_size,) * 2:
+      image = np.asarray(Image.fromarray(np.ascontiguousarray(image)).resize(
+          (self.image_size, self.image_size), Image.BICUBIC))
+    return (image.astype(np.float32) / 255.0 - self.mean) / self.std
+
+  def __call__(self, record: dict[str, Any]) -> dict[str, Any]:
+    answer = _text(record['answer'])
+    out = self.tokens(_text(record['question']), answer)
+    out['pixel_values'] = self.pixels(record['image'])
+    out['answer'] = np.asarray(answer)
+    answers = record.get('answers')
+    out['answers'] = np.asarray([_text(a) for a in answers] if answers is not None
+                                else [answer])
+    qtype = record.get('question_type', 0)
+    if isinstance(qtype, (bytes, str)):
+      qtype = self.question_types.index(_text(qtype))
+    out['question_type'] = np.int32(qtype)
+    if 'example_id' in record:
+      out['example_id'] = np.int64(record['example_id'])
+    return out
+
+
+def make_dataset(
+    source: Any,
+    tokenizer: tokenizer_lib.Tokenizer,
+    *,
+    num_image_tokens: int,
+    image_mean: Sequence[float],
+    image_std: Sequence[float],
+    batch_size: int,
+    max_prompt_len: int,
+    max_answer_len: int,
+    shuffle: bool = True,
+    seed: int = 0,
+    num_epochs: int | None = None,
+    shard_index: SupportsIndex | None = None,
+    shard_count: SupportsIndex | None = None,
+    drop_remainder: bool = True,
+    image_size: int | None = None,
+    question_types: Sequence[str] = synthetic_vqa.QUESTION_TYPES,
+    read_threads: int = 2,
+) -> grain.IterDataset:
+  """Batches of one process's shard of a random-access VQA source.
+
+  Args:
+    source: random-access records (`__len__`, `__getitem__`), e.g. a TFDS data source.
+    tokenizer: a WordTokenizer or HFTokenizer.
+    num_image_tokens: image placeholder tokens per prompt (= image features per image).
+    image_mean: per-channel mean of [0, 1] pixels (CLIP_MEAN for CLIP towers).
+    image_std: per-channel std (CLIP_STD).
+    batch_size: examples per batch on this process.
+    max_prompt_len: Lp, prompt length after left padding; longer prompts raise.
+    max_answer_len: La, answer + eos length after right padding; longer answers raise.
+    shuffle: shuffle the shard, with a new order each epoch.
+    seed: shuffle seed (the same on every process; shards are disjoint anyway).
+    num_epochs: passes over the shard; None repeats forever.
+    shard_index: this process's shard; defaults to jax.process_index().
+    shard_count: number of shards; defaults to jax.process_count().
+    drop_remainder: drop the last partial batch, and the records beyond a multiple of
+      shard_count so that every shard has the same length (processes stay in step).
+      With False (evaluation), shards differ by at most one record and the last batch
+      may be short.
+    image_size: resize images to this square size if they differ (None: keep).
+    question_types: names that string question types are indexed into.
+    read_threads: threads preparing batches ahead of the consumer.
+
+  Returns:
+    A `grain.IterDataset` of batch dicts (see module docstring); `iter()` it, and
+    checkpoint the iterator with `get_state()` / `set_state()`.
+  """
+  shard_index = jax.process_index() if shard_index is None else int(shard_index)
+  shard_count = jax.process_count() if shard_count is None else int(shard_count)
+  if not 0 <= shard_index < shard_count:
+    raise ValueError(f'shard_index={shard_index} not in [0, shard_count={shard_count}).')
+  ds = grain.MapDataset.source(source)
+  if drop_remainder:
+    ds = ds[:len(ds) // shard_count * shard_count]
+  ds = ds[shard_index::shard_count]
+  if len(ds) == 0:
+    raise ValueError(f'Shard {shard_index} of {shard_count} of a source of '
+                     f'{len(source)} records is empty.')
+  if shuffle:
+    ds = ds.shuffle(seed=seed)
+  # After shuffle, so each epoch gets its own order.
+  ds = ds.repeat(num_epochs)
+  ds = ds.map(Preprocess(
+      tokenizer, num_image_tokens=num_image_tokens, image_mean=image_mean,
+      image_std=image_std, max_prompt_len=max_prompt_len, max_answer_len=max_answer_len,
+      image_size=image_size, question_types=question_types))
+  ds = ds.batch(batch_size, drop_remainder=drop_remainder)
+  return ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads,
+                                              prefetch_buffer_size=2 * read_threads))

@@ -1,0 +1,1 @@
+"""Evaluation: VQA answer normalisation, accuracy metrics and per-type tables."""

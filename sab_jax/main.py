@@ -1,0 +1,31 @@
+"""Entry point: `python -m sab_jax.main --config=experiments/configs/demo.py[:arg] --workdir=DIR`.
+
+Kept short on purpose (as Flax's examples): parse flags, start multi-host JAX when
+launched across hosts, hand the config to `sab_jax.stages.run`.
+"""
+
+import os
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config file (path[:arg]).",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results.json.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:  # orbax logs every file it writes at INFO
+    logging.set_verbosity(logging.WARNING)
+  import jax  # after flag parsing, so `--help` stays fast
+  if int(os.environ.get("NUM_PROCESSES", "1")) > 1 or "COORDINATOR_ADDRESS" in os.environ:
+    jax.distributed.initialize()
+  from sab_jax import stages
+  stages.run(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,166 @@
+"""The pipeline behind `sab_jax.main`: the stages named in `config.stages`, in order.
+
+Each stage reads what earlier ones left (in memory or under the workdir) and records
+its outcome in `workdir/results.json`, which is rewritten after every stage. Rerunning
+the same command on the same workdir skips stages whose results are already there
+and resumes an interrupted training from its checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any, Callable
+
+import jax
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from sab_jax.data import pipeline, synthetic_vqa
+from sab_jax.data import tokenizer as tokenizer_lib
+from sab_jax.eval import metrics, vqa
+from sab_jax.models import llava
+from sab_jax.train import checkpointing, train as train_lib
+
+
+class Context:
+  """What the stages share within one run: config, workdir, results and built objects."""
+
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+    self.config, self.workdir = config, workdir
+    self.results_path = os.path.join(workdir, "results.json")
+    self.results: dict[str, Any] = {"methods": {}}
+    if os.path.exists(self.results_path):
+      with open(self.results_path) as f:
+        self.results = json.load(f)
+    self.tokenizer = tokenizer_lib.WordTokenizer.for_synthetic_vqa()
+    self.model_cfg = llava.config_from_dict(config.model.to_dict())
+    if self.tokenizer.vocab_size > self.model_cfg.text.vocab_size:
+      raise ValueError(f"tokenizer has {self.tokenizer.vocab_size} tokens but config.model.text.vocab_size is "
+                       f"{self.model_cfg.text.vocab_size}: raise the latter")
+    if self.tokenizer.image_token_id != self.model_cfg.image_token_id:
+      raise ValueError(f"config.model.image_token_id={self.model_cfg.image_token_id} but the tokenizer's image "
+                       f"token is {self.tokenizer.image_token_id}")
+    self.builders: dict[str, Any] = {}
+    self.teacher: nnx.Module | None = None
+
+  def save_results(self) -> None:
+    tmp = self.results_path + ".tmp"
+    with open(tmp, "w") as f:
+      json.dump(self.results, f, indent=1, sort_keys=True)
+    os.replace(tmp, self.results_path)  # never leaves a half-written results.json
+
+  def new_model(self, seed: int = 0) -> nnx.Module:
+    return llava.Llava(self.model_cfg, rngs=nnx.Rngs(seed))
+
+  def source(self, builder_config: str, split: str):
+    if builder_config not in self.builders:
+      self.builders[builder_config] = synthetic_vqa.build(builder_config, self.data_dir)
+    return self.builders[builder_config].as_data_source()[split]
+
+  @property
+  def data_dir(self) -> str:
+    return os.path.expanduser(self.config.data.data_dir or os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets"))
+
+  def batches(self, builder_config: str, split: str, *, batch_size: int, train: bool, seed: int = 0):
+    dc = self.config.data
+    return pipeline.make_dataset(
+        self.source(builder_config, split), self.tokenizer, num_image_tokens=self.model_cfg.num_image_tokens,
+        image_mean=pipeline.CLIP_MEAN, image_std=pipeline.CLIP_STD, batch_size=batch_size,
+        max_prompt_len=dc.max_prompt_len, max_answer_len=dc.max_answer_len, shuffle=train, seed=seed,
+        num_epochs=None if train else 1, drop_remainder=train)
+
+
+def model_bytes(model: nnx.Module) -> int:
+  return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(nnx.state(model, nnx.Param))))
+
+
+def evaluate(ctx: Context, model: nnx.Module) -> dict[str, Any]:
+  ec = ctx.config.eval
+  batches = ctx.batches(ctx.config.data.config, ec.split, batch_size=ec.batch_size, train=False)
+  return vqa.evaluate(model, batches, ctx.tokenizer, question_types=synthetic_vqa.QUESTION_TYPES,
+                      metric="exact_match", max_new_tokens=ctx.config.data.max_answer_len,
+                      max_examples=ec.max_examples if ec.max_examples > 0 else None)
+
+
+# --- stages ------------------------------------------------------------------------------
+def stage_data(ctx: Context) -> None:
+  """Builds the evaluation dataset (and the training one when a teacher is trained)."""
+  t = time.time()
+  configs = {ctx.config.data.config}
+  if ctx.config.teacher.retrain:
+    configs.add(ctx.config.data.train_config)
+  for c in sorted(configs):
+    ctx.source(c, "test")
+  majority = synthetic_vqa.majority_baseline(
+      (ctx.source(ctx.config.data.config, "train")[i] for i in range(len(ctx.source(ctx.config.data.config, "train")))),
+      (ctx.source(ctx.config.data.config, ctx.config.eval.split)[i]
+       for i in range(len(ctx.source(ctx.config.data.config, ctx.config.eval.split)))))
+  ctx.results["majority_baseline"] = majority
+  ctx.results["dataset"] = f"synthetic_vqa/{ctx.config.data.config}"
+  ctx.results["split"] = ctx.config.eval.split
+  print(f"[data] synthetic_vqa {sorted(configs)} ready in {ctx.data_dir} ({time.time() - t:.1f} s)")
+
+
+def stage_teacher(ctx: Context) -> None:
+  """The full-precision teacher: trained here when asked, otherwise the shipped one."""
+  tc = ctx.config.teacher
+  model = ctx.new_model(ctx.config.seed)
+  out_dir = os.path.join(ctx.workdir, "teacher")
+  if tc.retrain:
+    if os.path.exists(os.path.join(out_dir, "meta.json")):
+      print(f"[teacher] already trained in {out_dir}; loading it")
+      checkpointing.load_params(out_dir, model)
+    else:
+      t = time.time()
+      data = ctx.batches(ctx.config.data.train_config, "train", batch_size=ctx.config.train.batch_size,
+                         train=True, seed=ctx.config.seed)
+      model, loss = train_lib.train(ctx.config, ctx.workdir, model, data, name="teacher")
+      minutes = (time.time() - t) / 60
+      checkpointing.save_params(out_dir, model, {
+          "model": ctx.config.model.to_dict(), "tokenizer": "word:synthetic_vqa", "final_loss": loss,
+          "train": ctx.config.train.to_dict(), "train_minutes_this_run": minutes,
+          "data": f"synthetic_vqa/{ctx.config.data.train_config}"})
+      print(f"[teacher] trained in {minutes:.1f} min (this run), saved to {out_dir}")
+  else:
+    meta = checkpointing.load_params(tc.init, model)
+    print(f"[teacher] loaded {tc.init} (trained on {meta.get('data')})")
+  ctx.teacher = model
+
+
+def stage_eval_fp(ctx: Context) -> None:
+  if "fp" in ctx.results["methods"]:
+    print("[eval_fp] already in results.json; skipping")
+    return
+  t = time.time()
+  table = evaluate(ctx, ctx.teacher)
+  nbytes = model_bytes(ctx.teacher)
+  bits = 8 * nbytes / sum(x.size for x in jax.tree.leaves(nnx.state(ctx.teacher, nnx.Param)))
+  ctx.results["methods"]["fp"] = {"accuracy": table["accuracy"], "per_type": table["per_type"],
+                                  "count": table["count"], "bits_per_weight": bits, "nominal_bits": bits,
+                                  "model_bytes": nbytes}
+  print(metrics.format_table({"fp": table}, title=f"fp on {ctx.results.get('dataset')} {ctx.config.eval.split}"))
+  print(f"[eval_fp] {time.time() - t:.1f} s")
+
+
+STAGES: dict[str, Callable[[Context], None]] = {
+    "data": stage_data,
+    "teacher": stage_teacher,
+    "eval_fp": stage_eval_fp,
+}
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Runs `config.stages` in order; returns the results dict (also in workdir/results.json)."""
+  unknown = [s for s in config.stages if s not in STAGES]
+  if unknown:
+    raise ValueError(f"unknown stage(s) {unknown} in config.stages; available: {list(STAGES)}")
+  os.makedirs(workdir, exist_ok=True)
+  ctx = Context(config, workdir)
+  for name in config.stages:
+    STAGES[name](ctx)
+    ctx.save_results()
+  print(f"results: {ctx.results_path}")
+  return ctx.results

@@ -1,0 +1,1 @@
+"""Training: the full-precision teacher now; distillation of the binarized student later."""

@@ -1,0 +1,92 @@
+"""Orbax checkpoints of a training run: parameters, optimiser state, data-iterator state.
+
+Resume order (first that exists wins): this workdir's latest checkpoint > a given
+initial model (e.g. the shipped teacher) > random initialisation. A checkpoint that
+fails to restore is reported and the previous one is tried, never silently skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any, Callable
+
+import jax
+import orbax.checkpoint as ocp
+from flax import nnx
+
+
+def manager(directory: str, *, save_every: int, keep: int) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(save_interval_steps=save_every, max_to_keep=keep, create=True,
+                                         enable_async_checkpointing=True)
+  return ocp.CheckpointManager(os.path.abspath(directory), options=options,
+                               item_names=("params", "opt_state", "data_iter"))
+
+
+def save(mngr: ocp.CheckpointManager, step: int, model: nnx.Module, optimizer: nnx.Optimizer | None,
+         data_state: Callable[[], dict[str, Any]] | None, *, force: bool = False) -> bool:
+  """Saves if the manager's policy says so (or `force`); never saves non-finite parameters."""
+  if not (force or mngr.should_save(step)):
+    return False
+  params = nnx.state(model, nnx.Param)
+  finite = jax.tree.reduce(lambda a, x: a & bool(jax.numpy.isfinite(x).all()), params, True)
+  if not finite:
+    raise FloatingPointError(f"refusing to save step {step}: parameters are not finite")
+  items = {"params": ocp.args.StandardSave(params)}
+  items["opt_state"] = ocp.args.StandardSave(nnx.state(optimizer, nnx.OptState) if optimizer is not None else {})
+  items["data_iter"] = ocp.args.JsonSave(data_state() if data_state else {})
+  return mngr.save(step, args=ocp.args.Composite(**items), force=force)
+
+
+def restore_latest(mngr: ocp.CheckpointManager, model: nnx.Module, optimizer: nnx.Optimizer | None
+                   ) -> tuple[int, dict[str, Any]] | None:
+  """Restores the newest readable checkpoint into `model`/`optimizer` in place.
+
+  Returns (step, data-iterator state), or None when there is nothing to resume.
+  """
+  for step in sorted(mngr.all_steps(), reverse=True):
+    params = nnx.state(model, nnx.Param)
+    opt = nnx.state(optimizer, nnx.OptState) if optimizer is not None else {}
+    try:
+      out = mngr.restore(step, args=ocp.args.Composite(
+          params=ocp.args.StandardRestore(params), opt_state=ocp.args.StandardRestore(opt),
+          data_iter=ocp.args.JsonRestore()))
+    except Exception as e:  # orbax raises many types for a damaged step; we name it and fall back
+      logging.error("checkpoint step %d in %s is unreadable (%s: %s); trying the previous one",
+                    step, mngr.directory, type(e).__name__, e)
+      print(f"WARNING: checkpoint step {step} is corrupt ({type(e).__name__}); falling back to an older one")
+      continue
+    nnx.update(model, out["params"])
+    if optimizer is not None:
+      nnx.update(optimizer, out["opt_state"])
+    return step, dict(out["data_iter"] or {})
+  return None
+
+
+def save_params(path: str, model: nnx.Module, meta: dict[str, Any]) -> None:
+  """A parameters-only checkpoint plus `meta.json` (model config, tokenizer, provenance)."""
+  path = os.path.abspath(path)
+  ckpt = ocp.StandardCheckpointer()
+  ckpt.save(os.path.join(path, "params"), nnx.state(model, nnx.Param), force=True)
+  ckpt.wait_until_finished()
+  with open(os.path.join(path, "meta.json"), "w") as f:
+    json.dump(meta, f, indent=1, sort_keys=True)
+
+
+def load_params(path: str, model: nnx.Module) -> dict[str, Any]:
+  """Restores a `save_params` checkpoint into `model` (shapes must agree); returns its meta."""
+  path = os.path.abspath(path)
+  if not os.path.exists(os.path.join(path, "meta.json")):
+    raise FileNotFoundError(f"{path} is not a parameters checkpoint (no meta.json): train one with "
+                            f"--config.teacher.retrain=True or point config.teacher.init at one")
+  with open(os.path.join(path, "meta.json")) as f:
+    meta = json.load(f)
+  target = nnx.state(model, nnx.Param)
+  try:
+    restored = ocp.StandardCheckpointer().restore(os.path.join(path, "params"), target)
+  except ValueError as e:
+    raise ValueError(f"{path} does not match the model built from the config ({e}); check config.model "
+                     f"against {os.path.join(path, 'meta.json')}") from e
+  nnx.update(model, restored)
+  return meta

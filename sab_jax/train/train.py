@@ -1,0 +1,133 @@
+"""Training loop: one flat function in banner sections (big_vision's train.py shape).
+
+Trains the full-precision LVLM on answer tokens (the embedded workload's teacher).
+Sharded over `config.mesh` with logical-axis rules; parameters and optimiser state are
+initialised into their shardings, batches are assembled from each process's shard.
+Resume order: this workdir's latest checkpoint > the model as passed in (random or
+loaded by the caller). A resumed run continues the same data order and ends where an
+uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+
+from sab_jax import sharding as sharding_lib
+from sab_jax.train import checkpointing
+
+
+def answer_cross_entropy(logits: jax.Array, batch: dict[str, jax.Array]) -> jax.Array:
+  """Mean next-token cross-entropy over answer positions (`loss_mask`)."""
+  targets = jnp.roll(batch["input_ids"], -1, axis=1)
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
+  mask = batch["loss_mask"]
+  return jnp.sum(ce * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+def make_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  """AdamW with linear warm-up and cosine decay, global-norm clipping."""
+  schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, cfg.warmup_steps, cfg.num_steps,
+                                                end_value=cfg.lr * cfg.final_lr_fraction)
+  return optax.chain(optax.clip_by_global_norm(cfg.grad_clip),
+                     optax.adamw(schedule, b1=0.9, b2=0.98, weight_decay=cfg.weight_decay))
+
+
+def _device_batch(batch: dict[str, np.ndarray], mesh, keys) -> dict[str, jax.Array]:
+  """Global arrays from this process's part of the batch, split over the data axes."""
+  return {k: jax.make_array_from_process_local_data(sharding_lib.batch_sharding(mesh, batch[k].ndim), batch[k])
+          for k in keys}
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, model: nnx.Module, data: Any,
+          *, loss_fn: Callable = answer_cross_entropy, name: str = "train") -> tuple[nnx.Module, float]:
+  """Trains `model` in place on `data` for `config.train.num_steps` steps.
+
+  Args:
+    config: the run config (uses `train`, `mesh`, `logical_axis_rules`).
+    workdir: checkpoints go to `workdir/checkpoints/<name>`, TensorBoard to `workdir/tb/<name>`.
+    model: the model to train (its current weights are the starting point).
+    data: a `grain.IterDataset` of pipeline batches (repeating).
+    loss_fn: (logits, batch) -> scalar.
+    name: the run's name under workdir.
+  Returns:
+    (the trained model, the last logged loss).
+  """
+  tc = config.train
+  keys = ("input_ids", "attention_mask", "loss_mask", "pixel_values")
+
+  # --- mesh and shardings ------------------------------------------------------------
+  mesh = sharding_lib.make_mesh(dict(config.mesh))
+  rules = tuple(tuple(r) for r in config.logical_axis_rules)
+  graphdef, state = nnx.split(model)
+  state = jax.device_put(state, sharding_lib.state_shardings(state, mesh, rules))
+  model = nnx.merge(graphdef, state)
+  optimizer = nnx.Optimizer(model, make_optimizer(tc), wrt=nnx.Param)
+
+  # --- resume --------------------------------------------------------------------------
+  ckpt_dir = os.path.join(workdir, "checkpoints", name)
+  mngr = checkpointing.manager(ckpt_dir, save_every=tc.checkpoint_every, keep=tc.keep_checkpoints)
+  data_iter = iter(data)
+  start = 0
+  restored = checkpointing.restore_latest(mngr, model, optimizer)
+  if restored is not None:
+    start, data_state = restored
+    if data_state:
+      data_iter.set_state(data_state)
+    print(f"[{name}] resuming from checkpoint step {start} in {ckpt_dir}", flush=True)
+
+  # --- step ----------------------------------------------------------------------------
+  @nnx.jit(donate_argnums=(0, 1))
+  def step_fn(model, optimizer, batch):
+    def loss_of(m):
+      return loss_fn(m(batch["input_ids"], batch["pixel_values"], batch["attention_mask"]), batch)
+
+    loss, grads = nnx.value_and_grad(loss_of)(model)
+    optimizer.update(model, grads)
+    return loss
+
+  # --- loop ----------------------------------------------------------------------------
+  writer = _summary_writer(os.path.join(workdir, "tb", name))
+  t0, last_loss, window = time.time(), float("nan"), []
+  for step in range(start + 1, tc.num_steps + 1):
+    batch = _device_batch(next(data_iter), mesh, keys)
+    loss = step_fn(model, optimizer, batch)
+    window.append(loss)
+    if step % tc.log_every == 0 or step == tc.num_steps:
+      losses = np.asarray(jax.device_get(window))
+      window = []
+      if not np.all(np.isfinite(losses)):
+        raise FloatingPointError(f"[{name}] non-finite loss by step {step}; lower config.train.lr or check the "
+                                 f"data. Checkpoints up to the last finite step are kept in {ckpt_dir}")
+      last_loss = float(losses[-1])
+      rate = (step - start) / (time.time() - t0)
+      eta = (tc.num_steps - step) / max(rate, 1e-9)
+      print(f"[{name}] step {step}/{tc.num_steps} loss {losses.mean():.4f} {rate:.2f} steps/s "
+            f"ETA {eta / 60:.1f} min", flush=True)
+      if writer is not None:
+        writer.add_scalar("loss", float(losses.mean()), step)
+        writer.add_scalar("steps_per_second", rate, step)
+    checkpointing.save(mngr, step, model, optimizer, data_iter.get_state, force=step == tc.num_steps)
+  mngr.wait_until_finished()
+  if writer is not None:
+    writer.close()
+  return model, last_loss
+
+
+def _summary_writer(path: str):
+  """TensorBoard event files via tensorboardX (no TensorFlow needed)."""
+  try:
+    from tensorboardX import SummaryWriter
+  except ImportError:  # optional on GPU/TPU images; metrics still go to stdout
+    logging.warning("tensorboardX not installed: no TensorBoard metrics")
+    return None
+  return SummaryWriter(path)

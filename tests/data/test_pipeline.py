@@ -1,0 +1,161 @@
+"""Tests of the grain VQA pipeline: batch layout, errors, checkpointing and sharding."""
+
+import json
+
+import numpy as np
+import pytest
+
+from sab_jax.data import pipeline
+from sab_jax.data import synthetic_vqa as sv
+from sab_jax.data import tokenizer as tok_lib
+
+LP, LA, N_IMG = 28, 3, 16
+
+
+@pytest.fixture(scope='module')
+def sources(tmp_path_factory):
+  return sv.build('tiny', tmp_path_factory.mktemp('data')).as_data_source()
+
+
+@pytest.fixture(scope='module')
+def tok():
+  return tok_lib.WordTokenizer.for_synthetic_vqa()
+
+
+def _dataset(source, tok, **overrides):
+  kwargs = dict(num_image_tokens=N_IMG, image_mean=pipeline.CLIP_MEAN,
+                image_std=pipeline.CLIP_STD, batch_size=8, max_prompt_len=LP,
+                max_answer_len=LA, shuffle=True, seed=0, num_epochs=1, shard_index=0,
+                shard_count=1, drop_remainder=True)
+  kwargs.update(overrides)
+  return pipeline.make_dataset(source, tok, **kwargs)
+
+
+def _ids(batches):
+  return [int(i) for b in batches for i in b['example_id']]
+
+
+def test_batch_layout(sources, tok):
+  """Shapes, dtypes, padding sides, masks and pixels agree with the generator."""
+  batches = list(_dataset(sources['validation'], tok, batch_size=8))
+  assert len(batches) == 4
+  b = batches[0]
+  shapes = {k: (v.shape, v.dtype.kind + str(v.dtype.itemsize)) for k, v in b.items()}
+  assert shapes == {
+      'input_ids': ((8, LP + LA), 'i4'), 'attention_mask': ((8, LP + LA), 'i4'),
+      'loss_mask': ((8, LP + LA), 'f4'), 'prompt_ids': ((8, LP), 'i4'),
+      'prompt_mask': ((8, LP), 'i4'), 'pixel_values': ((8, 64, 64, 3), 'f4'),
+      'answer': ((8,), 'U' + str(b['answer'].dtype.itemsize)),
+      'answers': ((8, 1), 'U' + str(b['answers'].dtype.itemsize)),
+      'question_type': ((8,), 'i4'), 'example_id': ((8,), 'i8')}
+  for b in batches:
+    for row in range(8):
+      ex = sv.generate_example(sv.example_rng('validation', int(b['example_id'][row])))
+      ids, mask, loss = b['input_ids'][row], b['attention_mask'][row], b['loss_mask'][row]
+      prompt = tok_lib.prompt_ids(tok, ex['question'], N_IMG)
+      target = tok.encode(ex['answer']) + [tok.eos_id]
+      # Prompt left-padded, answer + eos from column LP, right-padded.
+      assert list(ids[LP - len(prompt):LP]) == prompt
+      assert (ids[:LP - len(prompt)] == tok.pad_id).all()
+      assert list(ids[LP:LP + len(target)]) == target
+      assert (ids[LP + len(target):] == tok.pad_id).all()
+      assert (mask == (np.arange(LP + LA) >= LP - len(prompt))
+              & (np.arange(LP + LA) < LP + len(target))).all()
+      # loss_mask marks exactly the positions whose next token is answer or eos.
+      (pos,) = np.nonzero(loss)
+      assert list(ids[pos + 1]) == target and pos[0] == LP - 1
+      assert (b['prompt_ids'][row] == ids[:LP]).all()
+      assert (b['prompt_mask'][row] == mask[:LP]).all()
+      assert tok.decode(b['prompt_ids'][row]) == ex['question']
+      assert tok.decode(ids[LP:]) == ex['answer'] == b['answer'][row]
+      assert list(b['answers'][row]) == [ex['answer']]
+      assert sv.QUESTION_TYPES[b['question_type'][row]] == ex['question_type']
+      want = (ex['image'] / 255.0 - np.array(pipeline.CLIP_MEAN)) / np.array(pipeline.CLIP_STD)
+      np.testing.assert_allclose(b['pixel_values'][row], want, rtol=1e-5, atol=1e-5)
+
+
+def test_length_errors(sources, tok):
+  """Too-short Lp / La raise a ValueError naming the setting to raise."""
+  with pytest.raises(ValueError, match='max_prompt_len=10; raise max_prompt_len'):
+    next(iter(_dataset(sources['test'], tok, max_prompt_len=10)))
+  with pytest.raises(ValueError, match='max_answer_len=1; raise max_answer_len'):
+    next(iter(_dataset(sources['test'], tok, max_answer_len=1)))
+
+
+def test_epochs_reshuffle_and_seed(sources, tok):
+  """Each epoch is a permutation of the split, reshuffled; the seed fixes the order."""
+  ids = _ids(_dataset(sources['train'], tok, num_epochs=2))
+  first, second = ids[:64], ids[64:]
+  assert sorted(first) == sorted(second) == list(range(64))
+  assert first != second and first != list(range(64))
+  assert ids == _ids(_dataset(sources['train'], tok, num_epochs=2))
+  assert ids != _ids(_dataset(sources['train'], tok, num_epochs=2, seed=1))
+  assert _ids(_dataset(sources['train'], tok, shuffle=False)) == list(range(64))
+
+
+def test_checkpoint_restore_mid_epoch(sources, tok):
+  """Restoring a saved iterator state replays exactly the following batches."""
+  ds = _dataset(sources['train'], tok, num_epochs=None)  # 8 batches per epoch
+  it = iter(ds)
+  for _ in range(5):
+    next(it)
+  # What a checkpoint stores (grain.checkpoint writes the state as JSON).
+  state = json.loads(json.dumps(it.get_state()))
+  expected = [next(it) for _ in range(6)]  # crosses into the second epoch
+  restored = iter(_dataset(sources['train'], tok, num_epochs=None))
+  restored.set_state(state)
+  for want in expected:
+    got = next(restored)
+    assert got.keys() == want.keys()
+    for k in want:
+      np.testing.assert_array_equal(got[k], want[k])
+
+
+@pytest.mark.parametrize('drop_remainder', [False, True])
+def test_shards_disjoint_and_cover(sources, tok, drop_remainder):
+  """Shards of 2 processes are disjoint; together they cover the split."""
+  shards = [_ids(_dataset(sources['validation'], tok, shard_index=i, shard_count=2,
+                          batch_size=4, drop_remainder=drop_remainder))
+            for i in range(2)]
+  assert not set(shards[0]) & set(shards[1])
+  assert sorted(shards[0] + shards[1]) == list(range(32))
+  with pytest.raises(ValueError, match='shard_index'):
+    _dataset(sources['validation'], tok, shard_index=2, shard_count=2)
+
+
+def test_uneven_shards(tok):
+  """An odd-sized source: equal shards when dropping the remainder, full cover if not."""
+  records = [dict(image=np.zeros((64, 64, 3), np.uint8), question='is there a red circle?',
+                  answer='yes', question_type='exist', example_id=i) for i in range(7)]
+  kept = [_ids(_dataset(records, tok, shard_index=i, shard_count=2, batch_size=1))
+          for i in range(2)]
+  assert len(kept[0]) == len(kept[1]) == 3 and not set(kept[0]) & set(kept[1])
+  full = [_ids(_dataset(records, tok, shard_index=i, shard_count=2, batch_size=2,
+                        drop_remainder=False)) for i in range(2)]
+  assert sorted(full[0] + full[1]) == list(range(7))
+  batch = next(iter(_dataset(records, tok, batch_size=7)))
+  assert batch['answers'].tolist() == [['yes']] * 7  # answers defaults to [answer]
+
+
+def test_hf_tokenizer_and_encoded_images(tmp_path):
+  """The pipeline also takes an HFTokenizer, PNG-bytes images and resizing."""
+  import tokenizers
+  from tokenizers import models, pre_tokenizers
+  words = ['<unk>', '<s>', '</s>', 'USER', ':', 'ASSISTANT', 'yes', 'is', 'there', '?']
+  t = tokenizers.Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)},
+                                            unk_token='<unk>'))
+  t.pre_tokenizer = pre_tokenizers.Whitespace()
+  t.add_special_tokens(['<unk>', '<s>', '</s>', '<image>'])
+  t.save(str(tmp_path / 'tokenizer.json'))
+  hf = tok_lib.HFTokenizer(tmp_path)
+  image = np.full((32, 32, 3), 200, np.uint8)
+  records = [dict(image=sv.encode_png(image), question='is there?', answer='yes')] * 2
+  kwargs = dict(num_image_tokens=4, image_mean=(0.5,) * 3, image_std=(0.5,) * 3,
+                batch_size=2, max_prompt_len=40, max_answer_len=2, num_epochs=1,
+                shard_index=0, shard_count=1, image_size=64)
+  b = next(iter(pipeline.make_dataset(records, hf, **kwargs)))
+  assert b['pixel_values'].shape == (2, 64, 64, 3)
+  np.testing.assert_allclose(b['pixel_values'], 200 / 255 * 2 - 1, atol=1e-5)
+  assert (b['input_ids'][:, 40:] == [hf.encode('yes')[0], hf.eos_id]).all()
+  assert hf.decode(b['input_ids'][0, 40:]) == 'yes'
+  assert (b['input_ids'][0] == hf.image_token_id).sum() == 4
