@@ -45,6 +45,7 @@ class Context:
                        f"token is {self.tokenizer.image_token_id}")
     self.builders: dict[str, Any] = {}
     self.teacher: nnx.Module | None = None
+    self.calib_batches: list[dict[str, np.ndarray]] = []
 
   def save_results(self) -> None:
     tmp = self.results_path + ".tmp"
@@ -115,9 +116,12 @@ def stage_teacher(ctx: Context) -> None:
       checkpointing.load_params(out_dir, model)
     else:
       t = time.time()
+      if ctx.config.train.zero_init:
+        train_lib.zero_init(model, ctx.config.train.zero_init)
       data = ctx.batches(ctx.config.data.train_config, "train", batch_size=ctx.config.train.batch_size,
                          train=True, seed=ctx.config.seed)
-      model, loss = train_lib.train(ctx.config, ctx.workdir, model, data, name="teacher")
+      model, history = train_lib.train(ctx.config, ctx.workdir, model, data, name="teacher")
+      loss = history[-1][1] if history else float("nan")
       minutes = (time.time() - t) / 60
       checkpointing.save_params(out_dir, model, {
           "model": ctx.config.model.to_dict(), "tokenizer": "word:synthetic_vqa", "final_loss": loss,
@@ -145,10 +149,92 @@ def stage_eval_fp(ctx: Context) -> None:
   print(f"[eval_fp] {time.time() - t:.1f} s")
 
 
+def stage_calibrate(ctx: Context) -> None:
+  """Draws the calibration set: `config.quant.calib_samples` training examples (seeded)."""
+  qc = ctx.config.quant
+  data = iter(ctx.batches(ctx.config.data.config, "train", batch_size=qc.calib_batch_size, train=True,
+                          seed=ctx.config.seed + 1))
+  n = max(1, qc.calib_samples // qc.calib_batch_size)
+  ctx.calib_batches = [next(data) for _ in range(n)]
+  image_id = ctx.model_cfg.image_token_id
+  ids = np.concatenate([b["input_ids"] for b in ctx.calib_batches])
+  real = np.concatenate([b["attention_mask"] for b in ctx.calib_batches]) > 0
+  ctx.results["calibration"] = {"samples": int(len(ids)), "image_tokens": int(((ids == image_id) & real).sum()),
+                                "text_tokens": int(((ids != image_id) & real).sum()),
+                                "split": f"synthetic_vqa/{ctx.config.data.config}:train"}
+  print(f"[calibrate] {ctx.results['calibration']}")
+
+
+def binarized_size(ctx: Context, model: nnx.Module, layers: dict[str, Any]) -> dict[str, Any]:
+  """Bit accounting of a binarized model (formulas in sab_jax.quant.core.bits_core).
+
+  bits_per_weight: every stored bit of the binarized layers over their weight count;
+  nominal_bits: the papers' count over the same weights; model_bytes: the binarized
+  layers' stored bits plus every other parameter at 16 bits (bf16, as exported).
+  """
+  numel = {p: int(np.prod(r.binarized.w_hat.shape)) for p, r in layers.items()}
+  total = sum(numel.values())
+  stored = sum(r.binarized.stored_bits for r in layers.values())
+  nominal = sum(r.binarized.nominal_bits * numel[p] for p, r in layers.items())
+  all_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+  return {"bits_per_weight": stored / total, "nominal_bits": nominal / total,
+          "model_bytes": int(np.ceil(stored / 8) + 2 * (all_params - total)),
+          "binarized_weights": total, "binarized_layers": len(layers)}
+
+
+def _binarize_runs(qc) -> list[tuple[str, str, dict[str, Any], str]]:
+  """(name, method, provider options, results bucket) for every configured run."""
+  from sab_jax.quant import providers
+  runs = [(m, m, {}, "methods") for m in qc.methods]
+  runs += [(name, v["method"], {k: x for k, x in v.items() if k != "method"}, "variants")
+           for name, v in qc.variants.to_dict().items()]
+  for name, method, _, _ in runs:
+    if method not in providers.METHODS:
+      raise ValueError(f"unknown method {method!r} for {name!r} in config.quant; available: "
+                       f"{sorted(providers.METHODS)}")
+  return runs
+
+
+def stage_binarize(ctx: Context) -> None:
+  """Every configured method and variant on the same calibration set and code path.
+
+  Standard methods land in results["methods"], ablation variants (e.g. Λ², the
+  <=1.2-stored-bit structured SAB) in results["variants"].
+  """
+  from sab_jax import sharding as sharding_lib
+  from sab_jax.calib import calibrate
+  from sab_jax.quant import providers, rules as rules_lib
+
+  qc = ctx.config.quant
+  mesh = sharding_lib.make_mesh(dict(ctx.config.mesh))
+  for name, method, options, bucket in _binarize_runs(qc):
+    ctx.results.setdefault(bucket, {})
+    if name in ctx.results[bucket]:
+      print(f"[binarize] {name} already in results.json; skipping")
+      continue
+    provider = providers.METHODS[method](**options)
+    model = nnx.clone(ctx.teacher)
+    t = time.time()
+    layers = calibrate.binarize_model(model, ctx.calib_batches, provider, rules_lib.parse(qc.rules), mesh,
+                                      progress=qc.progress)
+    seconds = time.time() - t
+    table = evaluate(ctx, model)
+    entry = {"accuracy": table["accuracy"], "per_type": table["per_type"], "count": table["count"],
+             **binarized_size(ctx, model, layers), "binarize_seconds": seconds, "provider": repr(provider),
+             "layer_output_rel_error": {p: r.relative_output_error for p, r in layers.items()}}
+    ctx.results[bucket][name] = entry
+    ctx.save_results()
+    errs = np.array(list(entry["layer_output_rel_error"].values()))
+    print(f"[binarize] {name}: accuracy {entry['accuracy']:.4f}, {entry['bits_per_weight']:.3f} stored bits/weight "
+          f"({entry['nominal_bits']:.3f} nominal), mean layer output error {errs.mean():.4f}, {seconds:.1f} s")
+
+
 STAGES: dict[str, Callable[[Context], None]] = {
     "data": stage_data,
     "teacher": stage_teacher,
     "eval_fp": stage_eval_fp,
+    "calibrate": stage_calibrate,
+    "binarize": stage_binarize,
 }
 
 

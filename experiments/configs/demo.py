@@ -17,7 +17,7 @@ def get_config(arg=None):
   arg = config_utils.parse_arg(arg, smoke=False, retrain=False)
   c = ml_collections.ConfigDict()
   # Stages run in this order by `sab_jax.main`.
-  c.stages = ("data", "teacher", "eval_fp")
+  c.stages = ("data", "teacher", "eval_fp", "calibrate", "binarize")
   c.seed = 0
 
   c.data = ml_collections.ConfigDict()
@@ -44,8 +44,11 @@ def get_config(arg=None):
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = 128
   c.train.num_steps = 5000
-  c.train.lr = 2e-3
-  c.train.warmup_steps = 300
+  c.train.lr = 1e-3
+  c.train.warmup_steps = 200
+  # Dense layers (regex over module paths) whose kernels start at zero (see
+  # train.zero_init); empty: none. Measured no faster here than the plain init.
+  c.train.zero_init = ""
   # Cosine decay ends at lr * final_lr_fraction.
   c.train.final_lr_fraction = 0.02
   c.train.weight_decay = 0.01
@@ -60,6 +63,23 @@ def get_config(arg=None):
   # <= 0: the whole split.
   c.eval.max_examples = -1
 
+  c.quant = ml_collections.ConfigDict()
+  # Methods run on the same calibration set and code path (sab_jax.quant.providers).
+  c.quant.methods = ("xnor", "pbllm", "billm", "arb_rc", "sab")
+  # Extra runs recorded under results["variants"]: name -> {method, provider fields}.
+  c.quant.variants = ml_collections.ConfigDict({
+      # The configuration that truly stores <= 1.2 bits per weight on 7B-shaped layers.
+      "sab_structured": {"method": "sab", "structured": True},
+      # Ablations: Λ² instead of Λ, and a larger salient fraction.
+      "sab_lambda2": {"method": "sab", "lambda_power": 2},
+      "sab_top10": {"method": "sab", "salient_top_p": 0.10},
+  })
+  # (regex over Dense module paths, binarize?) - first match wins; decoder linears only.
+  c.quant.rules = ((r"language_model\.layers\..*", True), (r".*", False))
+  c.quant.calib_samples = 256
+  c.quant.calib_batch_size = 64
+  c.quant.progress = True
+
   # Mesh axes and sizes (-1: all remaining devices); rules map logical axes onto them.
   c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "model": 1})
   c.logical_axis_rules = sharding.DEFAULT_RULES
@@ -69,4 +89,5 @@ def get_config(arg=None):
     c.train.num_steps, c.train.batch_size, c.train.log_every = 4, 8, 2
     c.train.warmup_steps, c.train.checkpoint_every = 1, 2
     c.eval.batch_size, c.eval.max_examples = 16, 32
+    c.quant.calib_samples, c.quant.calib_batch_size, c.quant.progress = 16, 8, False
   return c

@@ -125,6 +125,7 @@ def config_from_hf(hf: dict[str, Any]) -> LlavaConfig:
       head_dim=tc.get("head_dim"), rms_norm_eps=tc.get("rms_norm_eps", 1e-6), rope_theta=_rope_theta(tc),
       max_position_embeddings=tc.get("max_position_embeddings", 2048), hidden_act=tc.get("hidden_act", "silu"),
       attention_bias=tc.get("attention_bias", False), mlp_bias=tc.get("mlp_bias", False),
+      initializer_range=tc.get("initializer_range", 0.02),
       tie_word_embeddings=bool(hf.get("tie_word_embeddings") or tc.get("tie_word_embeddings", False)))
   vision = clip.VisionConfig(
       hidden_size=vc.get("hidden_size", 1024), intermediate_size=vc.get("intermediate_size", 4096),

@@ -57,9 +57,9 @@ class Embed(nnx.Module):
   """Token embedding table `[vocab, embed]`; `attend` reuses it as a tied head."""
 
   def __init__(self, num_embeddings: int, features: int, *, dtype: Any, param_dtype: Any,
-               rngs: nnx.Rngs, axes: Axes = ("vocab", "embed")):
+               rngs: nnx.Rngs, axes: Axes = ("vocab", "embed"), stddev: float = 0.02):
     self.dtype = dtype
-    self.embedding = param(rngs, nnx.initializers.normal(0.02), (num_embeddings, features), param_dtype, axes)
+    self.embedding = param(rngs, nnx.initializers.normal(stddev), (num_embeddings, features), param_dtype, axes)
 
   def __call__(self, ids: jax.Array) -> jax.Array:
     return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)

@@ -38,6 +38,10 @@ class TextConfig:
   attention_bias: bool = False
   mlp_bias: bool = False
   tie_word_embeddings: bool = False
+  # Std of the token-embedding init (transformers' `initializer_range`). From-scratch
+  # LVLMs need it near 1: at 0.02 the O(1) image features swamp the question words in
+  # the residual stream and training stalls at the answer prior.
+  initializer_range: float = 0.02
 
   @property
   def resolved_head_dim(self) -> int:
@@ -120,7 +124,8 @@ class Decoder(nnx.Module):
   def __init__(self, cfg: TextConfig, *, dense: layers.DenseFactory = layers.Dense,
                dtype: Any = jnp.float32, param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
     self.cfg = cfg
-    self.embed_tokens = layers.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.embed_tokens = layers.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+                                     stddev=cfg.initializer_range)
     self.layers = nnx.List([DecoderLayer(cfg, dense=dense, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
                             for _ in range(cfg.num_hidden_layers)])
     self.norm = layers.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -143,8 +148,7 @@ class Decoder(nnx.Module):
     """
     t = x.shape[1]
     if cache is None:
-      causal = jnp.tril(jnp.ones((t, t), dtype=bool))
-      mask = causal[None, None] & attention_mask.astype(bool)[:, None, None, :]
+      mask = causal_mask(attention_mask)
     else:
       s = cache[0]["k"].shape[1]
       query_col = cache_index + jnp.arange(t)
@@ -156,6 +160,13 @@ class Decoder(nnx.Module):
       x, c = layer(x, positions, mask, None if cache is None else cache[i], cache_index)
       new_cache.append(c)
     return self.norm(x), inputs, (new_cache if cache is not None else None)
+
+
+def causal_mask(attention_mask: jax.Array) -> jax.Array:
+  """`[B, 1, T, T]` boolean: causal and not attending to padding."""
+  t = attention_mask.shape[1]
+  causal = jnp.tril(jnp.ones((t, t), dtype=bool))
+  return causal[None, None] & attention_mask.astype(bool)[:, None, None, :]
 
 
 def init_cache(cfg: TextConfig, batch: int, length: int, dtype: Any) -> list[Cache]:

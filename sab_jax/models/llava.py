@@ -61,11 +61,17 @@ VARIANTS: dict[str, LlavaConfig] = {
     "llava-1.5-13b": LlavaConfig(text=llama.TextConfig(hidden_size=5120, intermediate_size=13824,
                                                        num_hidden_layers=40, num_attention_heads=40,
                                                        num_key_value_heads=40)),
+    # No ViT blocks: a randomly initialised ViT mixes the 16 patch features into near
+    # copies of each other and from-scratch training then sits on the answer prior for
+    # thousands of steps (measured; experiments/benchmarks/RESULTS.md). Patch embedding +
+    # pre-LN + the 2-layer projector (a per-patch MLP) feed the decoder, as in Fuyu-style
+    # linear patch encoders.
     "demo": LlavaConfig(
-        vision=clip.VisionConfig(hidden_size=128, intermediate_size=512, num_hidden_layers=2,
+        vision=clip.VisionConfig(hidden_size=128, intermediate_size=512, num_hidden_layers=0,
                                  num_attention_heads=4, image_size=64, patch_size=16),
         text=llama.TextConfig(vocab_size=64, hidden_size=128, intermediate_size=384, num_hidden_layers=4,
-                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128),
+                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                              initializer_range=1.0),
         image_token_id=3, vision_feature_layer=-1),
     "test": LlavaConfig(
         vision=clip.VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,

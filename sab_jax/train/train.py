@@ -34,6 +34,26 @@ def answer_cross_entropy(logits: jax.Array, batch: dict[str, jax.Array]) -> jax.
   return jnp.sum(ce * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
+def zero_init(model: nnx.Module, pattern: str) -> list[str]:
+  """Zeroes the kernels of Dense layers whose path fully matches `pattern`; returns their paths.
+
+  Zeroing each residual branch's output projection makes every block start as the
+  identity (SkipInit/Fixup, arXiv 2002.10444): a randomly initialised ViT otherwise
+  mixes the 16 patch features into near copies of each other, and the LVLM sits on the
+  answer prior for thousands of steps before it learns to look at the image.
+  """
+  import re
+  from sab_jax.quant import rules as rules_lib
+  hit = []
+  for path, dense in rules_lib.dense_layers(model):
+    if re.fullmatch(pattern, path):
+      dense.kernel[...] = jnp.zeros_like(dense.kernel[...])
+      hit.append(path)
+  if pattern and not hit:
+    raise ValueError(f"config.train.zero_init={pattern!r} matches no Dense layer")
+  return hit
+
+
 def make_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
   """AdamW with linear warm-up and cosine decay, global-norm clipping."""
   schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, cfg.warmup_steps, cfg.num_steps,
@@ -49,7 +69,8 @@ def _device_batch(batch: dict[str, np.ndarray], mesh, keys) -> dict[str, jax.Arr
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, model: nnx.Module, data: Any,
-          *, loss_fn: Callable = answer_cross_entropy, name: str = "train") -> tuple[nnx.Module, float]:
+          *, loss_fn: Callable = answer_cross_entropy, name: str = "train"
+          ) -> tuple[nnx.Module, list[tuple[int, float]]]:
   """Trains `model` in place on `data` for `config.train.num_steps` steps.
 
   Args:
@@ -60,7 +81,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, model: nnx.Module, da
     loss_fn: (logits, batch) -> scalar.
     name: the run's name under workdir.
   Returns:
-    (the trained model, the last logged loss).
+    (the trained model, [(step, mean loss since the previous log)] for this run's steps).
   """
   tc = config.train
   keys = ("input_ids", "attention_mask", "loss_mask", "pixel_values")
@@ -72,6 +93,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, model: nnx.Module, da
   state = jax.device_put(state, sharding_lib.state_shardings(state, mesh, rules))
   model = nnx.merge(graphdef, state)
   optimizer = nnx.Optimizer(model, make_optimizer(tc), wrt=nnx.Param)
+  opt_state = nnx.state(optimizer, nnx.OptState)  # moments follow their parameters; counters replicate
+  nnx.update(optimizer, jax.device_put(opt_state, sharding_lib.state_shardings(opt_state, mesh, rules)))
 
   # --- resume --------------------------------------------------------------------------
   ckpt_dir = os.path.join(workdir, "checkpoints", name)
@@ -97,30 +120,31 @@ def train(config: ml_collections.ConfigDict, workdir: str, model: nnx.Module, da
 
   # --- loop ----------------------------------------------------------------------------
   writer = _summary_writer(os.path.join(workdir, "tb", name))
-  t0, last_loss, window = time.time(), float("nan"), []
-  for step in range(start + 1, tc.num_steps + 1):
-    batch = _device_batch(next(data_iter), mesh, keys)
-    loss = step_fn(model, optimizer, batch)
-    window.append(loss)
-    if step % tc.log_every == 0 or step == tc.num_steps:
-      losses = np.asarray(jax.device_get(window))
-      window = []
-      if not np.all(np.isfinite(losses)):
-        raise FloatingPointError(f"[{name}] non-finite loss by step {step}; lower config.train.lr or check the "
-                                 f"data. Checkpoints up to the last finite step are kept in {ckpt_dir}")
-      last_loss = float(losses[-1])
-      rate = (step - start) / (time.time() - t0)
-      eta = (tc.num_steps - step) / max(rate, 1e-9)
-      print(f"[{name}] step {step}/{tc.num_steps} loss {losses.mean():.4f} {rate:.2f} steps/s "
-            f"ETA {eta / 60:.1f} min", flush=True)
-      if writer is not None:
-        writer.add_scalar("loss", float(losses.mean()), step)
-        writer.add_scalar("steps_per_second", rate, step)
-    checkpointing.save(mngr, step, model, optimizer, data_iter.get_state, force=step == tc.num_steps)
-  mngr.wait_until_finished()
-  if writer is not None:
-    writer.close()
-  return model, last_loss
+  t0, history, window = time.time(), [], []
+  try:
+    for step in range(start + 1, tc.num_steps + 1):
+      batch = _device_batch(next(data_iter), mesh, keys)
+      window.append(step_fn(model, optimizer, batch))
+      if step % tc.log_every == 0 or step == tc.num_steps:
+        losses = np.asarray(jax.device_get(window))
+        window = []
+        if not np.all(np.isfinite(losses)):
+          raise FloatingPointError(f"[{name}] non-finite loss by step {step}; lower config.train.lr or check the "
+                                   f"data. Checkpoints up to the last finite step are kept in {ckpt_dir}")
+        history.append((step, float(losses.mean())))
+        rate = (step - start) / (time.time() - t0)
+        eta = (tc.num_steps - step) / max(rate, 1e-9)
+        print(f"[{name}] step {step}/{tc.num_steps} loss {losses.mean():.4f} {rate:.2f} steps/s "
+              f"ETA {eta / 60:.1f} min", flush=True)
+        if writer is not None:
+          writer.add_scalar("loss", float(losses.mean()), step)
+          writer.add_scalar("steps_per_second", rate, step)
+      checkpointing.save(mngr, step, model, optimizer, data_iter.get_state, force=step == tc.num_steps)
+  finally:  # an interrupted run still completes the saves already under way
+    mngr.wait_until_finished()
+    if writer is not None:
+      writer.close()
+  return model, history
 
 
 def _summary_writer(path: str):

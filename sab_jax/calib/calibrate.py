@@ -1,0 +1,188 @@
+"""Sequential calibrate-and-binarize pass over an LVLM (GPTQ/BiLLM/ARB order).
+
+Decoder layer i is calibrated on the outputs of layers 0..i-1 *after* those were
+binarized, so each layer compensates the error that reaches it. Only one decoder
+layer's Hessians live at a time. Token modality decides which Hessian a token feeds:
+image-placeholder positions are `vision`, the other real tokens `text`, padding
+neither. Vision-tower and projector layers (when a rule selects them) see only image
+tokens; they are calibrated in one pass on the full-precision tower (not
+sequentially) before the decoder, a simplification documented here on purpose.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from typing import Any, Iterable, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import Mesh
+from tqdm import tqdm
+
+from sab_jax import sharding as sharding_lib
+from sab_jax.calib import hessian
+from sab_jax.models import llama
+from sab_jax.models.llava import Llava
+from sab_jax.quant import rules as rules_lib
+from sab_jax.quant.providers.base import Binarized, LayerStats, Provider
+
+
+class Capture(nnx.Module):
+  """Wraps a Dense layer and sows its input, so a jitted forward can hand it back."""
+
+  def __init__(self, inner: nnx.Module):
+    self.inner = inner
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    self.sow(nnx.Intermediate, "inputs", x)
+    return self.inner(x)
+
+
+def _parent_and_key(root: nnx.Module, path: Sequence[Any]):
+  node = root
+  for p in path[:-1]:
+    node = node[p] if isinstance(p, int) else getattr(node, p)
+  return node, path[-1]
+
+
+def _swap(root: nnx.Module, path: Sequence[Any], new: nnx.Module) -> None:
+  parent, key = _parent_and_key(root, path)
+  if isinstance(key, int):
+    parent[key] = new
+  else:
+    setattr(parent, key, new)
+
+
+def _get(root: nnx.Module, path: Sequence[Any]) -> nnx.Module:
+  parent, key = _parent_and_key(root, path)
+  return parent[key] if isinstance(key, int) else getattr(parent, key)
+
+
+def _split(path: str) -> list[Any]:
+  return [int(p) if p.isdigit() else p for p in path.split(".")]
+
+
+@contextlib.contextmanager
+def capturing(root: nnx.Module, paths: Sequence[str]):
+  """Temporarily wraps the Dense layers at `paths` (relative to root) in `Capture`."""
+  originals = {p: _get(root, _split(p)) for p in paths}
+  for p, m in originals.items():
+    _swap(root, _split(p), Capture(m))
+  try:
+    yield
+  finally:
+    for p, m in originals.items():
+      _swap(root, _split(p), m)
+
+
+def _sown_inputs(intermediates: nnx.State) -> dict[str, jax.Array]:
+  """Sown inputs by dotted path of the wrapped layer (relative to the captured module)."""
+  return {".".join(str(p) for p in path[:-1]): v.get_value()[0] for path, v in nnx.to_flat_state(intermediates)}
+
+
+@nnx.jit
+def _run_layer(layer: nnx.Module, x, positions, mask):
+  (y, _), sown = nnx.capture(lambda l: l(x, positions, mask, None, None), nnx.Intermediate)(layer)
+  return y, _sown_inputs(sown)
+
+
+@nnx.jit
+def _run_vision(model: Llava, pixel_values):
+  _, sown = nnx.capture(lambda m: m.image_features(pixel_values), nnx.Intermediate)(model)
+  return _sown_inputs(sown)
+
+
+@nnx.jit
+def _embed(model: Llava, input_ids, pixel_values):
+  return model.embed(input_ids, pixel_values)
+
+
+@nnx.jit
+def _final_norm(model: Llava, x):
+  return model.language_model.norm(x)
+
+
+@dataclasses.dataclass
+class LayerResult:
+  binarized: Binarized
+  stats_tokens: tuple[int, int]     # (text, image) calibration tokens
+  relative_output_error: float      # tr(ΔᵀHΔ) / tr(WᵀHW): the layer's output error on calibration data
+
+
+def _binarize_one(model: Llava, path: str, acc: hessian.Accumulator, provider: Provider) -> LayerResult:
+  dense = _get(model, _split(path))
+  w = dense.kernel[...]
+  stats: LayerStats = acc.stats()
+  out = provider(w.astype(jnp.float32), stats)
+  h = stats.h
+  delta = w.astype(jnp.float32) - out.w_hat
+  rel = float(jnp.sum(delta * (h @ delta)) / jnp.maximum(jnp.sum(w * (h @ w.astype(jnp.float32))), 1e-30))
+  dense.kernel[...] = jax.device_put(out.w_hat.astype(w.dtype), w.sharding)
+  return LayerResult(out, (stats.n_text, stats.n_vis), rel)
+
+
+def binarize_model(model: Llava, batches: Iterable[dict[str, Any]], provider: Provider,
+                   rules: Sequence[rules_lib.BinarizeRule], mesh: Mesh, *, progress: bool = True
+                   ) -> dict[str, LayerResult]:
+  """Binarizes, in place, every Dense layer the rules select; returns per-layer results.
+
+  Args:
+    model: the LVLM (modified in place: selected kernels become their binarized values).
+    batches: calibration batches (pipeline dicts with input_ids, attention_mask, pixel_values).
+    provider: the binarization method.
+    rules: which layers to binarize.
+    mesh: batches are split over its data axes; Hessians are psum-ed over them.
+    progress: show a progress bar over decoder layers.
+  """
+  selected = rules_lib.select(model, rules)
+  put = lambda a: jax.make_array_from_process_local_data(sharding_lib.batch_sharding(mesh, a.ndim), a)
+  batches = [{k: put(b[k]) for k in ("input_ids", "attention_mask", "pixel_values")} for b in batches]
+  results: dict[str, LayerResult] = {}
+
+  # --- vision tower and projector: image tokens only ----------------------------------------
+  vision = [p for p in selected if p.startswith(("vision_tower.", "multi_modal_projector."))]
+  if vision:
+    accs = {p: hessian.Accumulator() for p in vision}
+    with capturing(model, vision):
+      for b in batches:
+        for p, x in _run_vision(model, b["pixel_values"]).items():
+          ones = jnp.ones(x.shape[:2], jnp.float32)
+          accs[p].add(x, jnp.zeros_like(ones), ones, mesh)
+    for p in vision:
+      results[p] = _binarize_one(model, p, accs[p], provider)
+
+  # --- decoder, layer by layer ----------------------------------------------------------------
+  image_id = model.cfg.image_token_id
+  xs, aux = [], []
+  for b in batches:
+    mask = b["attention_mask"]
+    is_image = (b["input_ids"] == image_id) & (mask > 0)
+    xs.append(_embed(model, b["input_ids"], b["pixel_values"]))
+    aux.append(dict(positions=jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0), mask=llama.causal_mask(mask),
+                    text=((mask > 0) & ~is_image).astype(jnp.float32), vis=is_image.astype(jnp.float32)))
+  decoder_layers = list(model.language_model.layers)
+  bar = tqdm(range(len(decoder_layers)), desc="binarize decoder", disable=not progress)
+  for i in bar:
+    layer = decoder_layers[i]
+    prefix = f"language_model.layers.{i}."
+    here = [p[len(prefix):] for p in selected if p.startswith(prefix)]
+    if here:
+      accs = {p: hessian.Accumulator() for p in here}
+      with capturing(layer, here):
+        for x, a in zip(xs, aux):
+          _, inputs = _run_layer(layer, x, a["positions"], a["mask"])
+          for p, inp in inputs.items():
+            accs[p].add(inp, a["text"], a["vis"], mesh)
+      for p in here:
+        results[prefix + p] = _binarize_one(model, prefix + p, accs[p], provider)
+    xs = [_run_layer(layer, x, a["positions"], a["mask"])[0] for x, a in zip(xs, aux)]
+
+  # --- head -----------------------------------------------------------------------------------
+  if "lm_head" in selected:
+    acc = hessian.Accumulator()
+    for x, a in zip(xs, aux):
+      acc.add(_final_norm(model, x), a["text"], a["vis"], mesh)
+    results["lm_head"] = _binarize_one(model, "lm_head", acc, provider)
+  return results

@@ -1,0 +1,1 @@
+"""Pure numerics of binarization: primitives, significance map, GPTQ loop, bit counts."""

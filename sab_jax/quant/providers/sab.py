@@ -1,0 +1,119 @@
+"""SAB: significance-aware binarization (SAB-LVLM, arXiv 2607.01876), and ARB-RC.
+
+Steps 2–5 (`core.significance_core`) give Λ per kernel entry; step 6 runs the
+salient-row block quantizer under GPTQ compensation (`base.salient_split_ptq`) with
+the ARB-RC alternating least squares weighted by `Λ^lambda_power`, and the salient
+input channels of each block ranked by `Σ_k Λ^p[j,k]·W[j,k]²/[H_F⁻¹]_jj` (the
+Λ-weighted OBS saliency over the row, total H). ARB-RC (ARB-LLM arXiv 2410.03129) is
+the same code path with Λ ≡ 1.
+
+Error weight: Λ (lambda_power = 1) by default; Λ² is the ablation (the paper does not
+say which it uses).
+
+Parts (see `binarize_core` for the exact layout):
+  signs [in,out] bool, residual_signs [in,out] bool (salient rows), salient_rows [in]
+  bool, group_hi [in,out] bool (non-salient rows), alpha_in [in,2] bf16,
+  alpha_out [n_blocks,4,out] bf16. Structured: no group_hi, alpha_out
+  [ceil(in/scale_block),3,out].
+
+Structured mode (`structured=True`), a layout that really stores ≤ 1.2 bits/weight:
+  * salient structure is whole input channels (a flag per channel, no per-weight bitmap);
+  * the non-salient channels form ONE group: no bell-shaped split, whose per-weight
+    bitmap alone costs ~1 bit/weight (per-row alpha_in already absorbs the channel
+    norms a channel-wise split could capture);
+  * the three alpha_out vectors (order1, order2, rest) are shared by `scale_block`
+    inputs and fitted (Λ-weighted ARB-RC) when GPTQ reaches that group, as GPTQ's
+    `groupsize`; GPTQ still compensates every `block_size` inputs, and each row's
+    alpha_in is the exact minimiser given alpha_out on the compensated weights;
+  * the salient-row budget is `round(salient_rows · scale_block)` per group.
+  Stored bits/weight ≈ 1 (signs) + f_sal (residual plane) + 3·16/scale_block (alpha_out)
+  + 16·(1 + f_sal)/out (alpha_in) + salient-row positions; with scale_block 512
+  (41 salient rows per group): 1.175 on 4096×11008 and 1.182 on 11008×4096.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+import jax
+import jax.numpy as jnp
+
+from sab_jax.quant.core import significance_core
+from sab_jax.quant.providers import base
+
+_significance = jax.jit(significance_core.significance_map,
+                        static_argnames=("has_text", "has_vis", "salient_top_p",
+                                         "diff_quantile", "damp_ratio"))
+
+
+@dataclasses.dataclass(frozen=True)
+class Sab:
+  """Significance-aware binarization."""
+  name: ClassVar[str] = "sab"
+  # Fraction of weights that are salient in the significance partition (step 4).
+  salient_top_p: float = 0.05
+  # Quantile of the modality gap among salient weights separating cross-modal from
+  # single-modality ones (step 4).
+  diff_quantile: float = 0.5
+  # ALS error weight is Λ**lambda_power (1: Λ, 2: Λ²).
+  lambda_power: float = 1
+  # Fraction of each block's input channels with 2nd-order residual binarization.
+  salient_rows: float = 0.08
+  # Inputs per GPTQ block (and per alpha_out / salient-row budget when not structured).
+  block_size: int = 128
+  # ARB-RC alternating sweeps per group.
+  iters: int = 15
+  # Store ≤ 1.2 bits/weight: no per-weight bitmaps, coarser alpha_out (module doc).
+  structured: bool = False
+  # Structured mode: inputs sharing alpha_out and a salient-row budget (multiple of
+  # block_size; GPTQ still compensates every block_size inputs).
+  scale_block: int = 512
+
+  def significance(self, kernel: jax.Array, stats: base.LayerStats) -> significance_core.Significance:
+    """Steps 2–5: the significance map of this layer."""
+    return _significance(kernel, stats.h_text, stats.h_vis, has_text=stats.n_text > 0,
+                         has_vis=stats.n_vis > 0, salient_top_p=self.salient_top_p,
+                         diff_quantile=self.diff_quantile)
+
+  def __call__(self, kernel: jax.Array, stats: base.LayerStats) -> base.Binarized:
+    return self.binarize_with_lambda(kernel, stats, self.significance(kernel, stats).lam)
+
+  def binarize_with_lambda(self, kernel: jax.Array, stats: base.LayerStats,
+                           lam: jax.Array) -> base.Binarized:
+    """Step 6 with a given Λ `[in, out]` (Λ ≡ 1: ARB-RC)."""
+    weight = lam if self.lambda_power == 1 else jnp.power(lam, self.lambda_power)
+    h = stats.h
+    w_hat, parts, bits = base.salient_split_ptq(
+        kernel, h, weight, block_size=self.block_size, salient_rows=self.salient_rows,
+        iters=self.iters, mode="rc", split=not self.structured,
+        scale_block=self.scale_block if self.structured else None)
+    return base.Binarized(w_hat, bits.nominal_bits, bits.stored_bits, parts,
+                          base.error_metrics(kernel, w_hat, h, weight))
+
+  def dequantize(self, parts: dict[str, jax.Array], n_in: int) -> jax.Array:
+    _, group = base.effective_blocks(n_in, self.block_size,
+                                     self.scale_block if self.structured else None)
+    return base.dequantize_salient_split(parts, n_in=n_in, block_size=group, mode="rc")
+
+
+@dataclasses.dataclass(frozen=True)
+class ArbRc:
+  """ARB-RC with BiLLM-style salient rows and GPTQ: SAB's code path with Λ ≡ 1."""
+  name: ClassVar[str] = "arb_rc"
+  # Fraction of each block's input channels with 2nd-order residual binarization.
+  salient_rows: float = 0.08
+  # Inputs per GPTQ block / alpha_out sharing.
+  block_size: int = 128
+  # Alternating sweeps per group.
+  iters: int = 15
+
+  @property
+  def _sab(self) -> Sab:
+    return Sab(salient_rows=self.salient_rows, block_size=self.block_size, iters=self.iters)
+
+  def __call__(self, kernel: jax.Array, stats: base.LayerStats) -> base.Binarized:
+    return self._sab.binarize_with_lambda(kernel, stats, jnp.ones(kernel.shape, jnp.float32))
+
+  def dequantize(self, parts: dict[str, jax.Array], n_in: int) -> jax.Array:
+    return self._sab.dequantize(parts, n_in)

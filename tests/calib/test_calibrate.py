@@ -1,0 +1,92 @@
+"""The sequential calibrate-and-binarize pass: what each layer is calibrated on, and what changes."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from sab_jax import sharding
+from sab_jax.calib import calibrate
+from sab_jax.models import llava
+from sab_jax.quant import providers, rules
+
+IMG = 3
+
+
+class Recording:
+  """XNOR, remembering the statistics each layer was given."""
+  name = "recording"
+
+  def __init__(self):
+    self.seen = {}
+    self.inner = providers.Xnor()
+
+  def __call__(self, kernel, stats):
+    self.seen[len(self.seen)] = stats
+    return self.inner(kernel, stats)
+
+
+def _batches(cfg, n=2, b=8, seed=0):
+  rng = np.random.default_rng(seed)
+  out = []
+  for _ in range(n):
+    text = rng.integers(5, cfg.text.vocab_size, size=(b, 6))
+    ids = np.concatenate([np.zeros((b, 2)), np.ones((b, 1)), np.full((b, cfg.num_image_tokens), IMG), text], axis=1)
+    mask = (np.arange(ids.shape[1])[None] >= 2).repeat(b, 0).astype(np.int32)
+    mask[::2, 2] = 0  # some rows are padded one token more
+    ids = np.where(mask > 0, ids, 0).astype(np.int32)
+    out.append({"input_ids": ids, "attention_mask": mask,
+                "pixel_values": rng.normal(size=(b, 32, 32, 3)).astype(np.float32)})
+  return out
+
+
+def test_layer_is_calibrated_on_the_binarized_prefix_split_by_modality():
+  model = llava.Model("test", rngs=nnx.Rngs(0))
+  batches = _batches(model.cfg)
+  rec = Recording()
+  mesh = sharding.make_mesh({"data": 8})
+  results = calibrate.binarize_model(model, batches, rec, rules.DECODER_ONLY, mesh, progress=False)
+  paths = list(results)
+  assert all(p.startswith("language_model.layers.") for p in paths) and len(paths) == 14
+  stats = rec.seen[paths.index("language_model.layers.1.self_attn.q_proj")]
+
+  # Reference: the *binarized* model's input to layer 1, through its input norm, in float64.
+  xs_t, xs_v = [], []
+  for b in batches:
+    _, aux = model.forward(jnp.asarray(b["input_ids"]), jnp.asarray(b["pixel_values"]),
+                           jnp.asarray(b["attention_mask"]))
+    x = np.asarray(model.language_model.layers[1].input_layernorm(aux["layer_inputs"][1]), np.float64)
+    real = b["attention_mask"] > 0
+    vis = real & (b["input_ids"] == IMG)
+    xs_t.append(x[real & ~vis])
+    xs_v.append(x[vis])
+  xt, xv = np.concatenate(xs_t), np.concatenate(xs_v)
+  assert (stats.n_text, stats.n_vis) == (len(xt), len(xv))
+  np.testing.assert_allclose(np.asarray(stats.h_text), 2 / len(xt) * xt.T @ xt, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(stats.h_vis), 2 / len(xv) * xv.T @ xv, rtol=1e-4, atol=1e-5)
+
+
+def test_only_selected_layers_change_and_they_become_binary():
+  model = llava.Model("test", rngs=nnx.Rngs(0))
+  before = nnx.clone(model)
+  only_mlp = (rules.BinarizeRule(module_path=r"language_model\.layers\.0\.mlp\..*"),
+              rules.BinarizeRule(module_path=r".*", binarize=False))
+  calibrate.binarize_model(model, _batches(model.cfg, n=1), providers.Xnor(), only_mlp,
+                           sharding.make_mesh({"data": 8}), progress=False)
+  for path, dense in rules.dense_layers(model):
+    new = np.asarray(dense.kernel[...])
+    ref = np.asarray(dict(rules.dense_layers(before))[path].kernel[...])
+    if path.startswith("language_model.layers.0.mlp."):
+      assert not np.allclose(new, ref)
+      # XNOR: one magnitude per output channel, signs of the original.
+      np.testing.assert_allclose(np.abs(new), np.broadcast_to(np.abs(new).max(axis=0), new.shape), rtol=1e-6)
+      assert np.all(np.sign(new) == np.where(ref >= 0, 1, -1))
+    else:
+      np.testing.assert_array_equal(new, ref)
+
+
+def test_rule_matching_nothing_is_an_error():
+  model = llava.Model("test", rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="match no Dense layer"):
+    rules.select(model, [(r"language_model\.layerz\..*", True)])

@@ -1,0 +1,150 @@
+"""Every method end to end on a Gaussian layer with correlated, two-modality inputs."""
+
+import functools
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sab_jax.quant import METHODS, ArbRc, BiLLM, LayerStats, PbLlm, Sab, Xnor
+from sab_jax.quant.core import bits_core
+
+N_IN, N_OUT = 256, 256
+
+
+def _inputs(seed, tokens, n_in):
+  """Correlated inputs: low-rank mixing + channel scales spread over two decades."""
+  r = np.random.default_rng(seed)
+  mix = r.normal(size=(n_in, n_in)) / np.sqrt(n_in) + 0.3 * np.eye(n_in)
+  z = r.normal(size=(tokens, n_in)) * r.lognormal(0, 1, n_in)
+  return (z @ mix).astype(np.float32)
+
+
+@functools.cache
+def _layer(n_in=N_IN, n_out=N_OUT):
+  x_t, x_v = _inputs(1, 1024, n_in), _inputs(2, 512, n_in)
+  w = (np.random.default_rng(0).normal(size=(n_in, n_out)) / np.sqrt(n_in)).astype(np.float32)
+  stats = LayerStats(jnp.asarray(2 / len(x_t) * x_t.T @ x_t), jnp.asarray(2 / len(x_v) * x_v.T @ x_v),
+                     len(x_t), len(x_v))
+  return w, np.concatenate([x_t, x_v]), stats
+
+
+@functools.cache
+def _run(name, **knobs):
+  w, _, stats = _layer()
+  return METHODS[name](**knobs)(jnp.asarray(w), stats)
+
+
+def _rel(name, **knobs):
+  w, x, _ = _layer()
+  w_hat = np.asarray(_run(name, **knobs).w_hat)
+  return np.linalg.norm(x @ (w - w_hat)) / np.linalg.norm(x @ w)
+
+
+def test_methods_table():
+  assert list(METHODS) == ["xnor", "pbllm", "billm", "arb_rc", "sab"]
+  assert all(cls.name == key for key, cls in METHODS.items())
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_parts_rebuild_w_hat_and_errors_are_right(name):
+  """dequantize(parts) == w_hat bitwise; output_rel is ‖X(W − Ŵ)‖²/‖XW‖²."""
+  w, x, _ = _layer()
+  b = _run(name)
+  assert b.w_hat.shape == w.shape and b.w_hat.dtype == jnp.float32
+  assert bool(jnp.all(jnp.isfinite(b.w_hat)))
+  np.testing.assert_array_equal(METHODS[name]().dequantize(b.parts, N_IN), b.w_hat)
+  np.testing.assert_allclose(b.error["output_rel"], _rel(name) ** 2, rtol=1e-3)
+  assert b.bits_per_weight == b.stored_bits / w.size
+
+
+def test_output_error_ranking():
+  """sab, arb_rc < billm < xnor; pbllm (1.7 nominal bits) beats xnor."""
+  rel = {name: _rel(name) for name in METHODS}
+  assert rel["sab"] < rel["billm"] and rel["arb_rc"] < rel["billm"], rel
+  assert rel["billm"] < rel["xnor"] and rel["pbllm"] < rel["xnor"], rel
+
+
+def test_lambda_one_reproduces_arb_rc_bitwise():
+  """SAB's step 6 with Λ ≡ 1 is ARB-RC, bit for bit (w_hat and every part)."""
+  w, _, stats = _layer()
+  sab = Sab().binarize_with_lambda(jnp.asarray(w), stats, jnp.ones(w.shape))
+  arb = _run("arb_rc")
+  np.testing.assert_array_equal(sab.w_hat, arb.w_hat)
+  for key in arb.parts:
+    np.testing.assert_array_equal(np.asarray(sab.parts[key], np.float32),
+                                  np.asarray(arb.parts[key], np.float32), err_msg=key)
+
+
+def test_single_modality_sab_matches_arb_rc():
+  """No image tokens: Λ is constant and the ALS is scale-invariant, so SAB ≈ ARB-RC."""
+  w, _, stats = _layer()
+  text_only = LayerStats(stats.h_text, jnp.zeros_like(stats.h_vis), stats.n_text, 0)
+  sab = Sab()(jnp.asarray(w), text_only).w_hat
+  arb = ArbRc()(jnp.asarray(w), text_only).w_hat
+  np.testing.assert_allclose(sab, arb, rtol=1e-3, atol=1e-4)
+
+
+def test_lambda_actually_changes_sab():
+  """With two modalities Λ is not constant, so SAB differs from ARB-RC, Λ² more so."""
+  d1 = float(jnp.max(jnp.abs(_run("sab").w_hat - _run("arb_rc").w_hat)))
+  assert d1 > 1e-4
+  sig = Sab().significance(jnp.asarray(_layer()[0]), _layer()[2])
+  assert float(jnp.std(sig.lam)) > 0.01
+
+
+def test_bits_match_the_formulas():
+  """stored_bits equals the bits_core count from the parts, for every method."""
+  w, _, _ = _layer()
+  rows = bits_core.block_rows(N_IN, 128)
+  assert _run("xnor").stored_bits == bits_core.xnor_bits(N_IN, N_OUT).stored_bits
+  pb = _run("pbllm")
+  n_sal = int(jnp.sum(pb.parts["salient_mask"]))
+  assert n_sal == round(0.1 * w.size)
+  assert pb.stored_bits == bits_core.pbllm_bits(N_IN, N_OUT, n_salient=n_sal, salient_bits=8,
+                                                n_blocks=2).stored_bits
+  assert int(jnp.max(jnp.abs(pb.parts["int_values"].astype(jnp.int32)))) == 127
+  for name, mode in [("billm", "mean_offset"), ("arb_rc", "rc"), ("sab", "rc")]:
+    b = _run(name)
+    assert int(b.parts["salient_rows"].sum()) == 2 * 10
+    c = bits_core.salient_split_bits(N_IN, N_OUT, block_rows=rows, salient_per_block=[10, 10],
+                                     mode=mode, split=True)
+    assert (b.stored_bits, b.nominal_bits) == (c.stored_bits, c.nominal_bits)
+
+
+def test_structured_sab():
+  """Structured: no per-weight bitmap, 3 alpha_out per block, bits as counted, and still
+  far better than XNOR."""
+  b = _run("sab", structured=True, scale_block=128)
+  assert "group_hi" not in b.parts and b.parts["alpha_out"].shape == (2, 3, N_OUT)
+  c = bits_core.salient_split_bits(N_IN, N_OUT, block_rows=[128, 128], salient_per_block=[10, 10],
+                                   mode="rc", split=False)
+  assert b.stored_bits == c.stored_bits
+  np.testing.assert_array_equal(Sab(structured=True, scale_block=128).dequantize(b.parts, N_IN), b.w_hat)
+  assert _rel("sab", structured=True, scale_block=128) < 0.9 * _rel("xnor")
+
+
+def test_ragged_input_dimension():
+  """in not a multiple of the block size (padding path) works for every GPTQ method."""
+  r = np.random.default_rng(7)
+  x = _inputs(3, 256, 72)
+  w = jnp.asarray(r.normal(size=(72, 24)), jnp.float32)
+  h = jnp.asarray(2 / 256 * x.T @ x)
+  stats = LayerStats(h, h, 256, 256)
+  for p in (PbLlm(block_size=32), BiLLM(block_size=32), Sab(block_size=32, iters=3)):
+    b = p(w, stats)
+    assert b.w_hat.shape == (72, 24) and bool(jnp.all(jnp.isfinite(b.w_hat)))
+    assert b.error["output_rel"] < Xnor()(w, stats).error["output_rel"]
+
+
+def test_layer_narrower_than_a_block():
+  """in < block_size / scale_block: one block of the layer's size, budget from real rows."""
+  r = np.random.default_rng(8)
+  x = _inputs(4, 256, 64)
+  w = jnp.asarray(r.normal(size=(64, 16)), jnp.float32)
+  h = jnp.asarray(2 / 256 * x.T @ x)
+  stats = LayerStats(h, h, 256, 256)
+  for p in (Sab(iters=3), Sab(iters=3, structured=True), BiLLM()):
+    b = p(w, stats)
+    assert int(b.parts["salient_rows"].sum()) == 5  # round(0.08 · 64)
+    np.testing.assert_array_equal(p.dequantize(b.parts, 64), b.w_hat)

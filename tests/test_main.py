@@ -1,0 +1,59 @@
+"""The entry point as a user runs it: results.json contract, resume, and clear failures."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEMO = os.path.join(REPO, "experiments", "configs", "demo.py")
+
+
+def _run(tmp_path, *args):
+  env = dict(os.environ, TFDS_DATA_DIR=str(tmp_path / "tfds"))
+  return subprocess.run([sys.executable, "-m", "sab_jax.main", *args], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=600)
+
+
+def test_smoke_retrain_writes_results_and_resumes(tmp_path):
+  wd = tmp_path / "wd"
+  p = _run(tmp_path, f"--config={DEMO}:smoke,retrain", f"--workdir={wd}")
+  assert p.returncode == 0, p.stderr[-3000:]
+  res = json.load(open(wd / "results.json"))
+  fp = res["methods"]["fp"]
+  assert 0.0 <= fp["accuracy"] <= 1.0
+  assert fp["model_bytes"] > 0 and fp["bits_per_weight"] == 32.0
+  assert res["dataset"] == "synthetic_vqa/tiny" and res["split"] == "test"
+  assert set(res["majority_baseline"]) >= {"overall", "count", "relation"}
+  assert os.path.exists(wd / "teacher" / "meta.json")
+  again = _run(tmp_path, f"--config={DEMO}:smoke,retrain", f"--workdir={wd}")
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert "already trained" in again.stdout and "already in results.json" in again.stdout
+
+
+def test_unknown_config_key_is_an_error(tmp_path):
+  p = _run(tmp_path, f"--config={DEMO}:smoke", f"--workdir={tmp_path / 'wd'}", "--config.train.nmu_steps=3")
+  assert p.returncode != 0
+  assert "nmu_steps" in p.stderr
+
+
+def test_unknown_config_argument_is_an_error(tmp_path):
+  p = _run(tmp_path, f"--config={DEMO}:smok", f"--workdir={tmp_path / 'wd'}")
+  assert p.returncode != 0 and "smok" in p.stderr
+
+
+def test_missing_teacher_names_the_fix(tmp_path):
+  p = _run(tmp_path, f"--config={DEMO}:smoke", f"--workdir={tmp_path / 'wd'}",
+           f"--config.teacher.init={tmp_path / 'nowhere'}")
+  assert p.returncode != 0
+  assert "retrain" in p.stderr and "nowhere" in p.stderr
+
+
+def test_config_parse_arg_types():
+  from sab_jax import config_utils
+  a = config_utils.parse_arg("smoke,steps=7,name=x,lr=0.5", smoke=False, steps=1, name="a", lr=1.0)
+  assert (a.smoke, a.steps, a.name, a.lr) == (True, 7, "x", 0.5)
+  with pytest.raises(ValueError, match="steps"):
+    config_utils.parse_arg("steps", steps=1)
