@@ -28,9 +28,23 @@ def test_smoke_retrain_writes_results_and_resumes(tmp_path):
   assert res["dataset"] == "synthetic_vqa/tiny" and res["split"] == "test"
   assert set(res["majority_baseline"]) >= {"overall", "count", "relation"}
   assert os.path.exists(wd / "teacher" / "meta.json")
+  for name in ("xnor", "pbllm", "billm", "arb_rc", "sab"):
+    m = res["methods"][name]
+    assert 0.0 <= m["accuracy"] <= 1.0 and m["model_bytes"] > 0
+    assert 1.0 <= m["nominal_bits"] <= m["bits_per_weight"] < 4.0
+  assert res["variants"]["sab_structured"]["bits_per_weight"] < res["methods"]["sab"]["bits_per_weight"]
   again = _run(tmp_path, f"--config={DEMO}:smoke,retrain", f"--workdir={wd}")
   assert again.returncode == 0, again.stderr[-3000:]
   assert "already trained" in again.stdout and "already in results.json" in again.stdout
+  assert "[binarize] sab already in results.json" in again.stdout
+
+
+def test_shipped_teacher_answers_the_test_split(tmp_path):
+  """The embedded default: the teacher shipped in the repo loads and answers (first 32 test questions)."""
+  wd = tmp_path / "wd"
+  p = _run(tmp_path, f"--config={DEMO}:smoke", f"--workdir={wd}", "--config.stages=('data', 'teacher', 'eval_fp')")
+  assert p.returncode == 0, p.stderr[-3000:]
+  assert json.load(open(wd / "results.json"))["methods"]["fp"]["accuracy"] >= 0.85
 
 
 def test_unknown_config_key_is_an_error(tmp_path):

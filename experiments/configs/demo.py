@@ -70,9 +70,14 @@ def get_config(arg=None):
   c.quant.variants = ml_collections.ConfigDict({
       # The configuration that truly stores <= 1.2 bits per weight on 7B-shaped layers.
       "sab_structured": {"method": "sab", "structured": True},
+      # Baselines at matched stored bits (~1.1-1.5 here; scales cost more on 128-wide layers).
+      "arb_rc_structured": {"method": "arb_rc", "structured": True},
+      "pbllm_matched": {"method": "pbllm", "salient_fraction": 0.005},
       # Ablations: Λ² instead of Λ, and a larger salient fraction.
       "sab_lambda2": {"method": "sab", "lambda_power": 2},
       "sab_top10": {"method": "sab", "salient_top_p": 0.10},
+      # Partition rule: a stricter modality-gap quantile for "single-modality" weights.
+      "sab_gap_q90": {"method": "sab", "diff_quantile": 0.9},
   })
   # (regex over Dense module paths, binarize?) - first match wins; decoder linears only.
   c.quant.rules = ((r"language_model\.layers\..*", True), (r".*", False))
@@ -90,4 +95,5 @@ def get_config(arg=None):
     c.train.warmup_steps, c.train.checkpoint_every = 1, 2
     c.eval.batch_size, c.eval.max_examples = 16, 32
     c.quant.calib_samples, c.quant.calib_batch_size, c.quant.progress = 16, 8, False
+    c.quant.variants = ml_collections.ConfigDict({"sab_structured": {"method": "sab", "structured": True}})
   return c

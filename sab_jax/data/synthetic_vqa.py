@@ -138,9 +138,11 @@ def _place(rng: np.random.Generator, attrs: Sequence[tuple[str, str, str]]) -> S
   for (shape, color, size), cell in zip(attrs, cells):
     row, col = divmod(int(cell), GRID_SIZE)
     radius = int(rng.choice(SIZE_RADII[size]))
-    # Jitter inside the cell, the whole object inside it: centre in [r, 15 - r].
-    cy = row * CELL_SIZE + int(rng.integers(radius, CELL_SIZE - radius))
-    cx = col * CELL_SIZE + int(rng.integers(radius, CELL_SIZE - radius))
+    # Centred in its cell (v1.0.0 jittered it): with jitter, telling sizes and shapes
+    # apart needs translation invariance that a small from-scratch model learns too
+    # slowly on two CPU cores (measured: 46% on attribute questions after 1500 steps).
+    cy = row * CELL_SIZE + CELL_SIZE // 2
+    cx = col * CELL_SIZE + CELL_SIZE // 2
     objects.append(SceneObject(shape, color, size, row, col, cy, cx, radius))
   return tuple(objects)
 
@@ -465,8 +467,8 @@ class SyntheticVqaConfig(tfds.core.BuilderConfig):
 class SyntheticVqa(tfds.core.GeneratorBasedBuilder):
   """Synthetic shapes VQA (see module docstring); builds without TensorFlow."""
 
-  VERSION = tfds.core.Version('1.0.0')
-  RELEASE_NOTES = {'1.0.0': 'Initial release.'}
+  VERSION = tfds.core.Version('1.1.0')
+  RELEASE_NOTES = {'1.0.0': 'Initial release.', '1.1.0': 'Objects centred in their grid cells (no jitter).'}
   BUILDER_CONFIGS = [
       SyntheticVqaConfig(name='default', description='100k train, 2k val, 2k test.'),
       SyntheticVqaConfig(name='small', num_train=2_000, num_validation=500,

@@ -30,6 +30,9 @@ class VisionConfig:
   num_channels: int = 3
   hidden_act: str = "quick_gelu"
   layer_norm_eps: float = 1e-5
+  # Std of the class/position embedding init (transformers' `initializer_range`);
+  # from-scratch demo models use 1.0 so patch positions are visible from step 0.
+  initializer_range: float = 0.02
 
   @property
   def num_patches(self) -> int:
@@ -79,8 +82,9 @@ class VisionTower(nnx.Module):
     p, c, d = cfg.patch_size, cfg.num_channels, cfg.hidden_size
     self.patch_embedding = dense(p * p * c, d, use_bias=False, axes=("patch", "embed"),
                                  dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.class_embedding = layers.param(rngs, nnx.initializers.normal(0.02), (d,), param_dtype, ("embed",))
-    self.position_embedding = layers.param(rngs, nnx.initializers.normal(0.02), (cfg.num_patches + 1, d),
+    init = nnx.initializers.normal(cfg.initializer_range)
+    self.class_embedding = layers.param(rngs, init, (d,), param_dtype, ("embed",))
+    self.position_embedding = layers.param(rngs, init, (cfg.num_patches + 1, d),
                                            param_dtype, (None, "embed"))
     norm = dict(eps=cfg.layer_norm_eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.pre_layrnorm = layers.LayerNorm(d, **norm)

@@ -132,7 +132,7 @@ def config_from_hf(hf: dict[str, Any]) -> LlavaConfig:
       num_hidden_layers=vc.get("num_hidden_layers", 24), num_attention_heads=vc.get("num_attention_heads", 16),
       image_size=vc.get("image_size", 336), patch_size=vc.get("patch_size", 14),
       num_channels=vc.get("num_channels", 3), hidden_act=vc.get("hidden_act", "quick_gelu"),
-      layer_norm_eps=vc.get("layer_norm_eps", 1e-5))
+      layer_norm_eps=vc.get("layer_norm_eps", 1e-5), initializer_range=vc.get("initializer_range", 0.02))
   layer = hf.get("vision_feature_layer", -2)
   return LlavaConfig(
       vision=vision, text=text,

@@ -68,7 +68,7 @@ VARIANTS: dict[str, LlavaConfig] = {
     # linear patch encoders.
     "demo": LlavaConfig(
         vision=clip.VisionConfig(hidden_size=128, intermediate_size=512, num_hidden_layers=0,
-                                 num_attention_heads=4, image_size=64, patch_size=16),
+                                 num_attention_heads=4, image_size=64, patch_size=16, initializer_range=1.0),
         text=llama.TextConfig(vocab_size=64, hidden_size=128, intermediate_size=384, num_hidden_layers=4,
                               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
                               initializer_range=1.0),

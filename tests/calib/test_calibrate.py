@@ -90,3 +90,19 @@ def test_rule_matching_nothing_is_an_error():
   model = llava.Model("test", rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match="match no Dense layer"):
     rules.select(model, [(r"language_model\.layerz\..*", True)])
+
+
+def test_vision_layers_see_only_image_tokens():
+  model = llava.Model("test", rngs=nnx.Rngs(0))
+  rec = Recording()
+  vision_rules = [(r"vision_tower\.layers\.0\.fc1", True), (r"multi_modal_projector\.linear_1", True), (r".*", False)]
+  batches = _batches(model.cfg, n=1)
+  results = calibrate.binarize_model(model, batches, rec, vision_rules, sharding.make_mesh({"data": 8}),
+                                     progress=False)
+  assert sorted(results) == ["multi_modal_projector.linear_1", "vision_tower.layers.0.fc1"]
+  b = len(batches[0]["input_ids"])
+  n_patch = model.cfg.vision.num_patches
+  by_path = dict(zip(results, (rec.seen[i] for i in range(len(rec.seen)))))  # results keep binarization order
+  tower, proj = by_path["vision_tower.layers.0.fc1"], by_path["multi_modal_projector.linear_1"]
+  assert (tower.n_text, tower.n_vis) == (0, b * (n_patch + 1))  # the tower also runs the class token
+  assert (proj.n_text, proj.n_vis) == (0, b * n_patch)          # 'default' strategy drops it

@@ -107,10 +107,15 @@ class ArbRc:
   block_size: int = 128
   # Alternating sweeps per group.
   iters: int = 15
+  # Sab's <= 1.2-stored-bit layout (for comparisons at matched stored bits).
+  structured: bool = False
+  # Structured mode: inputs sharing alpha_out.
+  scale_block: int = 512
 
   @property
   def _sab(self) -> Sab:
-    return Sab(salient_rows=self.salient_rows, block_size=self.block_size, iters=self.iters)
+    return Sab(salient_rows=self.salient_rows, block_size=self.block_size, iters=self.iters,
+               structured=self.structured, scale_block=self.scale_block)
 
   def __call__(self, kernel: jax.Array, stats: base.LayerStats) -> base.Binarized:
     return self._sab.binarize_with_lambda(kernel, stats, jnp.ones(kernel.shape, jnp.float32))
