@@ -8,9 +8,7 @@ variants) and prints one markdown table; the full results.json stays in --workdi
 
 from __future__ import annotations
 
-import json
 import os
-import sys
 
 import numpy as np
 from absl import app, flags, logging

@@ -21,7 +21,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from sab_jax import sharding
 from sab_jax.calib import hessian

@@ -1,6 +1,5 @@
 """The sequential calibrate-and-binarize pass: what each layer is calibrated on, and what changes."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
