@@ -5,9 +5,7 @@ import json
 import os
 import shutil
 
-import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
