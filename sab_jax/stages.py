@@ -95,10 +95,10 @@ def stage_data(ctx: Context) -> None:
     configs.add(ctx.config.data.train_config)
   for c in sorted(configs):
     ctx.source(c, "test")
-  majority = synthetic_vqa.majority_baseline(
-      (ctx.source(ctx.config.data.config, "train")[i] for i in range(len(ctx.source(ctx.config.data.config, "train")))),
-      (ctx.source(ctx.config.data.config, ctx.config.eval.split)[i]
-       for i in range(len(ctx.source(ctx.config.data.config, ctx.config.eval.split)))))
+  train_src = ctx.source(ctx.config.data.config, "train")
+  eval_src = ctx.source(ctx.config.data.config, ctx.config.eval.split)
+  majority = synthetic_vqa.majority_baseline((train_src[i] for i in range(len(train_src))),
+                                             (eval_src[i] for i in range(len(eval_src))))
   ctx.results["majority_baseline"] = majority
   ctx.results["dataset"] = f"synthetic_vqa/{ctx.config.data.config}"
   ctx.results["split"] = ctx.config.eval.split

@@ -116,11 +116,9 @@ def _binarize_one(model: Llava, path: str, acc: hessian.Accumulator, provider: P
   w = dense.kernel[...]
   stats: LayerStats = acc.stats()
   out = provider(w.astype(jnp.float32), stats)
-  h = stats.h
-  delta = w.astype(jnp.float32) - out.w_hat
-  rel = float(jnp.sum(delta * (h @ delta)) / jnp.maximum(jnp.sum(w * (h @ w.astype(jnp.float32))), 1e-30))
   dense.kernel[...] = jax.device_put(out.w_hat.astype(w.dtype), w.sharding)
-  return LayerResult(out, (stats.n_text, stats.n_vis), rel)
+  # The provider already measured tr(ΔᵀHΔ)/tr(WᵀHW) on these statistics.
+  return LayerResult(out, (stats.n_text, stats.n_vis), out.error["output_rel"])
 
 
 def binarize_model(model: Llava, batches: Iterable[dict[str, Any]], provider: Provider,
