@@ -90,6 +90,13 @@ def state_shardings(abstract_state: nnx.State, mesh: Mesh, rules: Iterable[tuple
   return jax.tree.map(one, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
+def place(model: nnx.Module, mesh: Mesh, rules: Iterable[tuple[str, Any]] = DEFAULT_RULES) -> nnx.Module:
+  """Moves an existing model's variables onto their shardings on `mesh` (in place)."""
+  state = nnx.state(model)
+  nnx.update(model, jax.device_put(state, state_shardings(state, mesh, rules)))
+  return model
+
+
 def create_sharded(make_model: Callable[[], nnx.Module], mesh: Mesh,
                    rules: Iterable[tuple[str, Any]] = DEFAULT_RULES) -> nnx.Module:
   """Initialises a model directly into its shardings (never materialised on one device)."""

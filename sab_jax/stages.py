@@ -46,6 +46,8 @@ class Context:
     self.builders: dict[str, Any] = {}
     self.teacher: nnx.Module | None = None
     self.calib_batches: list[dict[str, np.ndarray]] = []
+    # name -> (binarized model, layers, provider), from `binarize` until `export` writes it
+    self.binarized: dict[str, tuple[Any, Any, Any]] = {}
 
   def save_results(self) -> None:
     tmp = self.results_path + ".tmp"
@@ -195,11 +197,20 @@ def _binarize_runs(qc) -> list[tuple[str, str, dict[str, Any], str]]:
   return runs
 
 
+def _pending(ctx: Context, stage: str, name: str, bucket: str, needs: str) -> bool:
+  """True unless results[bucket][name] already has `needs` (a resumed run skips it)."""
+  done = needs in ctx.results.get(bucket, {}).get(name, {})
+  if done:
+    print(f"[{stage}] {name} already in results.json; skipping")
+  return not done
+
+
 def stage_binarize(ctx: Context) -> None:
   """Every configured method and variant on the same calibration set and code path.
 
   Standard methods land in results["methods"], ablation variants (e.g. Λ², the
-  <=1.2-stored-bit structured SAB) in results["variants"].
+  <=1.2-stored-bit structured SAB) in results["variants"]. The binarized models stay in
+  memory for the `export` stage; accuracy comes later, from the export (`eval`).
   """
   from sab_jax import sharding as sharding_lib
   from sab_jax.calib import calibrate
@@ -208,25 +219,112 @@ def stage_binarize(ctx: Context) -> None:
   qc = ctx.config.quant
   mesh = sharding_lib.make_mesh(dict(ctx.config.mesh))
   for name, method, options, bucket in _binarize_runs(qc):
-    ctx.results.setdefault(bucket, {})
-    if name in ctx.results[bucket]:
-      print(f"[binarize] {name} already in results.json; skipping")
+    if not _pending(ctx, "binarize", name, bucket, "export_dir"):
       continue
     provider = providers.METHODS[method](**options)
-    model = nnx.clone(ctx.teacher)
+    model = sharding_lib.place(nnx.clone(ctx.teacher), mesh, ctx.config.logical_axis_rules)
     t = time.time()
     layers = calibrate.binarize_model(model, ctx.calib_batches, provider, rules_lib.parse(qc.rules), mesh,
                                       progress=qc.progress)
     seconds = time.time() - t
-    table = evaluate(ctx, model)
-    entry = {"accuracy": table["accuracy"], "per_type": table["per_type"], "count": table["count"],
-             **binarized_size(ctx, model, layers), "binarize_seconds": seconds, "provider": repr(provider),
+    size = binarized_size(ctx, model, layers)
+    entry = {"method": method, "binarize_seconds": seconds, "provider": repr(provider),
+             "formula_bits_per_weight": size["bits_per_weight"], "nominal_bits": size["nominal_bits"],
+             "binarized_weights": size["binarized_weights"], "binarized_layers": size["binarized_layers"],
              "layer_output_rel_error": {p: r.relative_output_error for p, r in layers.items()}}
-    ctx.results[bucket][name] = entry
-    ctx.save_results()
+    ctx.results.setdefault(bucket, {})[name] = entry
+    ctx.binarized[name] = (model, layers, provider)
     errs = np.array(list(entry["layer_output_rel_error"].values()))
-    print(f"[binarize] {name}: accuracy {entry['accuracy']:.4f}, {entry['bits_per_weight']:.3f} stored bits/weight "
-          f"({entry['nominal_bits']:.3f} nominal), mean layer output error {errs.mean():.4f}, {seconds:.1f} s")
+    print(f"[binarize] {name}: {size['bits_per_weight']:.3f} stored bits/weight by formula "
+          f"({size['nominal_bits']:.3f} nominal), mean layer output error {errs.mean():.4f}, {seconds:.1f} s")
+
+
+def stage_export(ctx: Context) -> None:
+  """Writes each binarized model of this run as a packed export (`sab_jax.export`);
+  bits_per_weight and model_bytes in results.json are counted from the bytes written."""
+  from sab_jax.export import checkpoint as export_lib
+
+  for name, (model, layers, provider) in list(ctx.binarized.items()):
+    bucket = "methods" if name in ctx.results.get("methods", {}) else "variants"
+    directory = os.path.join(ctx.workdir, "exports", name)
+    t = time.time()
+    info = export_lib.export(model, layers, name, provider, directory, config=ctx.config, overwrite=True,
+                             int8_params=tuple(ctx.config.export.int8_params))
+    entry = ctx.results[bucket][name]
+    entry.update(bits_per_weight=info["bits_per_weight"], model_bytes=info["model_bytes"],
+                 binarized_bytes=info["binarized_bytes"], params_bytes=info["params_bytes"],
+                 export_dir=os.path.relpath(directory, ctx.workdir))
+    del ctx.binarized[name]
+    ctx.save_results()
+    print(f"[export] {name}: {info['bits_per_weight']:.3f} bits/weight from bytes written "
+          f"({entry['formula_bits_per_weight']:.3f} by formula), {info['model_bytes']} bytes on disk, "
+          f"{time.time() - t:.1f} s -> {directory}")
+
+
+def stage_distill(ctx: Context) -> None:
+  """Quantization-aware distillation of each `config.distill.sources` export into
+  `<source>_kd`, written as a packed export (evaluated by `eval`)."""
+  import functools
+  from sab_jax.export import checkpoint as export_lib
+  from sab_jax.train import distill
+
+  dc = ctx.config.distill
+  for source in dc.sources:
+    name = f"{source}_kd"
+    if not _pending(ctx, "distill", name, "methods", "export_dir"):
+      continue
+    src = ctx.results.get("methods", {}).get(source) or ctx.results.get("variants", {}).get(source)
+    if not src or "export_dir" not in src:
+      raise ValueError(f"config.distill.sources names {source!r}, which has no export in this run: add it to "
+                       f"config.quant.methods (or variants) and keep the binarize and export stages before distill")
+    manifest, layers, _ = export_lib.read(os.path.join(ctx.workdir, src["export_dir"]), ctx.new_model())
+    provider = export_lib.provider_from_spec(manifest["provider"])
+    student = distill.build_student(ctx.teacher, layers, provider, clip=dc.clip)
+    config = ctx.config.copy_and_resolve_references()
+    with config.unlocked():
+      config.train = dc.train
+    data = ctx.batches(ctx.config.data.train_config, "train", batch_size=dc.train.batch_size, train=True,
+                       seed=ctx.config.seed + 2)
+    t = time.time()
+    loss_fn = functools.partial(distill.kd_loss, temperature=dc.temperature, ce_weight=dc.ce_weight)
+    student, history = train_lib.train(config, ctx.workdir, student, data, loss_fn=loss_fn, name=f"distill_{source}",
+                                       teacher=ctx.teacher, wrt=distill.TRAINABLE)
+    seconds = time.time() - t
+    bits = {layer["path"]: layer["bits"] for layer in manifest["layers"]}
+    directory = os.path.join(ctx.workdir, "exports", name)
+    info = export_lib.export(nnx.clone(ctx.teacher), distill.binarized_layers(student, provider, bits), name, provider,
+                             directory, config=ctx.config, overwrite=True,
+                             int8_params=tuple(ctx.config.export.int8_params))
+    final_loss = history[-1][1] if history else None
+    ctx.results["methods"][name] = {
+        "method": name, "distilled_from": source, "final_loss": final_loss, "distill_seconds_this_run": seconds,
+        "distill_steps": dc.train.num_steps, "provider": repr(provider), "nominal_bits": src["nominal_bits"],
+        "formula_bits_per_weight": src["formula_bits_per_weight"], "bits_per_weight": info["bits_per_weight"],
+        "model_bytes": info["model_bytes"], "binarized_bytes": info["binarized_bytes"],
+        "params_bytes": info["params_bytes"], "export_dir": os.path.relpath(directory, ctx.workdir)}
+    ctx.results["final_loss"] = final_loss
+    ctx.save_results()
+    print(f"[distill] {name}: final loss {final_loss}, {seconds / 60:.1f} min, exported to {directory}")
+
+
+def stage_eval(ctx: Context) -> None:
+  """Evaluates every exported model from its export, as a user would serve it
+  (`models.packed.from_export`: packed layers, the kernel on GPU)."""
+  from sab_jax.models import packed
+
+  for bucket in ("methods", "variants"):
+    for name, entry in ctx.results.get(bucket, {}).items():
+      if "export_dir" not in entry or not _pending(ctx, "eval", name, bucket, "accuracy"):
+        continue
+      t = time.time()
+      model, _ = packed.from_export(os.path.join(ctx.workdir, entry["export_dir"]), ctx.new_model(),
+                                    mode=ctx.config.eval.packed_mode)
+      table = evaluate(ctx, model)
+      entry.update(accuracy=table["accuracy"], per_type=table["per_type"], count=table["count"],
+                   device_bytes=packed.packed_bytes(model))
+      ctx.save_results()
+      print(f"[eval] {name}: accuracy {table['accuracy']:.4f} from {entry['export_dir']} "
+            f"({entry['bits_per_weight']:.3f} bits/weight), {time.time() - t:.1f} s")
 
 
 STAGES: dict[str, Callable[[Context], None]] = {
@@ -235,6 +333,9 @@ STAGES: dict[str, Callable[[Context], None]] = {
     "eval_fp": stage_eval_fp,
     "calibrate": stage_calibrate,
     "binarize": stage_binarize,
+    "export": stage_export,
+    "distill": stage_distill,
+    "eval": stage_eval,
 }
 
 

@@ -33,6 +33,13 @@ def test_smoke_retrain_writes_results_and_resumes(tmp_path):
     assert 0.0 <= m["accuracy"] <= 1.0 and m["model_bytes"] > 0
     assert 1.0 <= m["nominal_bits"] <= m["bits_per_weight"] < 4.0
   assert res["variants"]["sab_structured"]["bits_per_weight"] < res["methods"]["sab"]["bits_per_weight"]
+  for name, m in {**res["methods"], **res["variants"]}.items():  # evaluated from their packed exports
+    if name != "fp":
+      assert os.path.exists(wd / m["export_dir"] / "manifest.json") and 0.0 <= m["accuracy"] <= 1.0
+      assert m["bits_per_weight"] >= m["formula_bits_per_weight"]
+  kd = res["methods"]["sab_kd"]  # quantization-aware distillation from the sab export
+  assert kd["distilled_from"] == "sab" and kd["final_loss"] == res["final_loss"] > 0
+  assert kd["bits_per_weight"] == res["methods"]["sab"]["bits_per_weight"]
   again = _run(tmp_path, f"--config={DEMO}:smoke,retrain", f"--workdir={wd}")
   assert again.returncode == 0, again.stderr[-3000:]
   assert "already trained" in again.stdout and "already in results.json" in again.stdout

@@ -17,7 +17,7 @@ def get_config(arg=None):
   arg = config_utils.parse_arg(arg, smoke=False, retrain=False)
   c = ml_collections.ConfigDict()
   # Stages run in this order by `sab_jax.main`.
-  c.stages = ("data", "teacher", "eval_fp", "calibrate", "binarize")
+  c.stages = ("data", "teacher", "eval_fp", "calibrate", "binarize", "export", "distill", "eval")
   c.seed = 0
 
   c.data = ml_collections.ConfigDict()
@@ -62,6 +62,14 @@ def get_config(arg=None):
   c.eval.batch_size = 250
   # <= 0: the whole split.
   c.eval.max_examples = -1
+  # How exported models run (sab_jax.models.packed): "auto" (the packed kernel on GPU
+  # where the layout allows, exact XLA dequantization otherwise), "dequant" or "kernel".
+  c.eval.packed_mode = "auto"
+
+  c.export = ml_collections.ConfigDict()
+  # Regexes of non-binarized params stored int8 with per-row scales (e.g. the embedding
+  # and the head: (r"language_model\.embed_tokens\.embedding", r"lm_head\.kernel")).
+  c.export.int8_params = ()
 
   c.quant = ml_collections.ConfigDict()
   # Methods run on the same calibration set and code path (sab_jax.quant.providers).
@@ -85,6 +93,20 @@ def get_config(arg=None):
   c.quant.calib_batch_size = 64
   c.quant.progress = True
 
+  # Quantization-aware distillation (stage `distill`): each source's export -> `<source>_kd`.
+  c.distill = ml_collections.ConfigDict()
+  c.distill.sources = ("sab",)
+  c.distill.temperature = 1.0
+  # Weight of the answer cross-entropy added to the KL (0: pure distillation).
+  c.distill.ce_weight = 0.0
+  # Straight-through gradient passes where |latent| <= clip x the row's largest scale.
+  c.distill.clip = 1.0
+  c.distill.train = ml_collections.ConfigDict({
+      "batch_size": 64, "num_steps": 600, "lr": 2e-4, "warmup_steps": 50, "final_lr_fraction": 0.05,
+      "weight_decay": 0.0, "grad_clip": 1.0, "log_every": 50, "checkpoint_every": 100, "keep_checkpoints": 2,
+      # "stop": a non-finite loss stops the run naming the step; "skip": such steps are skipped
+      "nonfinite": "stop"})
+
   # Mesh axes and sizes (-1: all remaining devices); rules map logical axes onto them.
   c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "model": 1})
   c.logical_axis_rules = sharding.DEFAULT_RULES
@@ -96,4 +118,5 @@ def get_config(arg=None):
     c.eval.batch_size, c.eval.max_examples = 16, 32
     c.quant.calib_samples, c.quant.calib_batch_size, c.quant.progress = 16, 8, False
     c.quant.variants = ml_collections.ConfigDict({"sab_structured": {"method": "sab", "structured": True}})
+    c.distill.train.update(batch_size=8, num_steps=4, warmup_steps=1, log_every=2, checkpoint_every=2)
   return c

@@ -55,11 +55,20 @@ def zero_init(model: nnx.Module, pattern: str) -> list[str]:
 
 
 def make_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  """AdamW with linear warm-up and cosine decay, global-norm clipping."""
+  """AdamW with linear warm-up and cosine decay, global-norm clipping.
+
+  `cfg.nonfinite == "skip"` (optional; default "stop"): a step whose gradients are not
+  finite leaves the parameters unchanged (optax.apply_if_finite, at most 10 in a row)
+  instead of stopping the run at the next log step.
+  """
   schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, cfg.warmup_steps, cfg.num_steps,
                                                 end_value=cfg.lr * cfg.final_lr_fraction)
-  return optax.chain(optax.clip_by_global_norm(cfg.grad_clip),
-                     optax.adamw(schedule, b1=0.9, b2=0.98, weight_decay=cfg.weight_decay))
+  tx = optax.chain(optax.clip_by_global_norm(cfg.grad_clip),
+                   optax.adamw(schedule, b1=0.9, b2=0.98, weight_decay=cfg.weight_decay))
+  policy = cfg.get("nonfinite", "stop")
+  if policy not in ("stop", "skip"):
+    raise ValueError(f"config.train.nonfinite={policy!r}: use 'stop' or 'skip'")
+  return optax.apply_if_finite(tx, max_consecutive_errors=10) if policy == "skip" else tx
 
 
 def _device_batch(batch: dict[str, np.ndarray], mesh, keys) -> dict[str, jax.Array]:
@@ -69,8 +78,8 @@ def _device_batch(batch: dict[str, np.ndarray], mesh, keys) -> dict[str, jax.Arr
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, model: nnx.Module, data: Any,
-          *, loss_fn: Callable = answer_cross_entropy, name: str = "train"
-          ) -> tuple[nnx.Module, list[tuple[int, float]]]:
+          *, loss_fn: Callable = answer_cross_entropy, name: str = "train", teacher: nnx.Module | None = None,
+          wrt: Any = nnx.Param, mesh: Any = None) -> tuple[nnx.Module, list[tuple[int, float]]]:
   """Trains `model` in place on `data` for `config.train.num_steps` steps.
 
   Args:
@@ -78,8 +87,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, model: nnx.Module, da
     workdir: checkpoints go to `workdir/checkpoints/<name>`, TensorBoard to `workdir/tb/<name>`.
     model: the model to train (its current weights are the starting point).
     data: a `grain.IterDataset` of pipeline batches (repeating).
-    loss_fn: (logits, batch) -> scalar.
+    loss_fn: (logits, batch) -> scalar, or with a teacher (logits, batch, teacher_logits).
     name: the run's name under workdir.
+    teacher: a frozen model run on the same batch, on the same mesh (distillation).
+    wrt: which variables the optimiser updates (an nnx filter; default every Param).
+    mesh: overrides `config.mesh` (e.g. a mesh over a subset of the devices).
   Returns:
     (the trained model, [(step, mean loss since the previous log)] for this run's steps).
   """
@@ -87,12 +99,14 @@ def train(config: ml_collections.ConfigDict, workdir: str, model: nnx.Module, da
   keys = ("input_ids", "attention_mask", "loss_mask", "pixel_values")
 
   # --- mesh and shardings ------------------------------------------------------------
-  mesh = sharding_lib.make_mesh(dict(config.mesh))
+  mesh = mesh if mesh is not None else sharding_lib.make_mesh(dict(config.mesh))
   rules = tuple(tuple(r) for r in config.logical_axis_rules)
   graphdef, state = nnx.split(model)
   state = jax.device_put(state, sharding_lib.state_shardings(state, mesh, rules))
   model = nnx.merge(graphdef, state)
-  optimizer = nnx.Optimizer(model, make_optimizer(tc), wrt=nnx.Param)
+  if teacher is not None:
+    teacher = sharding_lib.place(teacher, mesh, rules)
+  optimizer = nnx.Optimizer(model, make_optimizer(tc), wrt=wrt)
   opt_state = nnx.state(optimizer, nnx.OptState)  # moments follow their parameters; counters replicate
   nnx.update(optimizer, jax.device_put(opt_state, sharding_lib.state_shardings(opt_state, mesh, rules)))
 
@@ -110,11 +124,14 @@ def train(config: ml_collections.ConfigDict, workdir: str, model: nnx.Module, da
 
   # --- step ----------------------------------------------------------------------------
   @nnx.jit(donate_argnums=(0, 1))
-  def step_fn(model, optimizer, batch):
-    def loss_of(m):
-      return loss_fn(m(batch["input_ids"], batch["pixel_values"], batch["attention_mask"]), batch)
+  def step_fn(model, optimizer, teacher, batch):
+    inputs = (batch["input_ids"], batch["pixel_values"], batch["attention_mask"])
+    extra = () if teacher is None else (jax.lax.stop_gradient(teacher(*inputs)),)
 
-    loss, grads = nnx.value_and_grad(loss_of)(model)
+    def loss_of(m):
+      return loss_fn(m(*inputs), batch, *extra)
+
+    loss, grads = nnx.value_and_grad(loss_of, argnums=nnx.DiffState(0, wrt))(model)
     optimizer.update(model, grads)
     return loss
 
@@ -124,7 +141,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, model: nnx.Module, da
   try:
     for step in range(start + 1, tc.num_steps + 1):
       batch = _device_batch(next(data_iter), mesh, keys)
-      window.append(step_fn(model, optimizer, batch))
+      window.append(step_fn(model, optimizer, teacher, batch))
       if step % tc.log_every == 0 or step == tc.num_steps:
         losses = np.asarray(jax.device_get(window))
         window = []

@@ -1,0 +1,75 @@
+"""Quantization-aware distillation: the full-precision teacher into its binarized student.
+
+The student is the teacher with every layer of a PTQ export (xnor, arb_rc or sab) replaced
+by a `quant.binary_dense.BinaryDense` initialised from that export's parts, so step 0 is
+the PTQ model exactly. Only the latent weights and the scales train (`TRAINABLE`); the
+other parameters stay the teacher's. The loop is `train.train` with the teacher passed in
+(same mesh, same jitted step), so checkpoints, resume, non-finite handling and logging
+are the teacher's. The trained student is written back as the PTQ provider's parts, i.e.
+a packed export that `models.packed` serves like any other.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from sab_jax.quant import binary_dense
+from sab_jax.quant import providers as providers_lib
+
+TRAINABLE = nnx.Any(binary_dense.Latent, binary_dense.Scale)
+
+
+def kd_loss(logits: jax.Array, batch: Mapping[str, jax.Array], teacher_logits: jax.Array, *,
+            temperature: float = 1.0, ce_weight: float = 0.0) -> jax.Array:
+  """T²·KL(teacher_T ‖ student_T) over answer positions (+ ce_weight · answer cross-entropy)."""
+  mask = batch["loss_mask"].astype(jnp.float32)
+  t = jax.nn.log_softmax(teacher_logits.astype(jnp.float32) / temperature, axis=-1)
+  s = jax.nn.log_softmax(logits.astype(jnp.float32) / temperature, axis=-1)
+  kl = jnp.sum(jnp.exp(t) * (t - s), axis=-1) * temperature ** 2
+  loss = jnp.sum(kl * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+  if ce_weight:
+    targets = jnp.roll(batch["input_ids"], -1, axis=1)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
+    loss = loss + ce_weight * jnp.sum(ce * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+  return loss
+
+
+def build_student(teacher: nnx.Module, layers: Mapping[str, Mapping[str, Any]], provider: Any, *,
+                  clip: float = 1.0) -> nnx.Module:
+  """A copy of `teacher` whose layers in `layers` ({path: PTQ parts}) are BinaryDense."""
+  from sab_jax.models import packed
+  if not binary_dense.supports(provider):
+    raise ValueError(f"distillation starts from an xnor, arb_rc or sab export, not {provider!r}; set "
+                     f"config.distill.sources accordingly")
+  student = nnx.clone(teacher)
+  # own buffers: the training step donates the student's, and the teacher is an argument of that same call
+  nnx.update(student, jax.tree.map(lambda a: jnp.array(a, copy=True), nnx.state(student)))
+  for path, parts in layers.items():
+    dense = packed.get_layer(student, path)
+    bias = None if dense.bias is None else dense.bias[...]
+    axes = dense.kernel.get_metadata().get("out_sharding") or ("embed", "mlp")
+    packed.replace_layer(student, path, binary_dense.BinaryDense(
+        provider, parts, tuple(dense.kernel[...].shape), bias=bias, dtype=dense.dtype, clip=clip, axes=axes))
+  return student
+
+
+def binarized_layers(student: nnx.Module, provider: Any, bits: Mapping[str, Mapping[str, Any]]
+                     ) -> dict[str, providers_lib.Binarized]:
+  """The student's BinaryDense layers as `Binarized` (parts, exact Ŵ), ready for `export`.
+
+  `bits`: per path the PTQ manifest's bit accounting (same layout, so the same bits).
+  """
+  out = {}
+  for path, m in nnx.iter_graph(student):
+    if isinstance(m, binary_dense.BinaryDense):
+      p = ".".join(str(x) for x in path)
+      parts = {k: jnp.asarray(v) for k, v in m.to_parts().items()}
+      w_hat = provider.dequantize(parts, m.in_features)
+      b = bits[p]
+      out[p] = providers_lib.Binarized(w_hat, float(b["nominal_bits"]), int(b["formula_stored_bits"]), parts, {})
+  return out

@@ -1,0 +1,112 @@
+"""The packed inference model: evaluation from the export answers exactly as the in-memory
+binarized model, on the shipped teacher and a whole test split."""
+
+import importlib.util
+import os
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from sab_jax import stages
+from sab_jax.data import synthetic_vqa
+from sab_jax.eval import vqa
+from sab_jax.export import checkpoint
+from sab_jax.models import packed
+from sab_jax.quant import providers
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _predictions(ctx, model, max_examples=None):
+  preds = []
+  batches = ctx.batches(ctx.config.data.config, "test", batch_size=250, train=False)
+  table = vqa.evaluate(model, batches, ctx.tokenizer, question_types=synthetic_vqa.QUESTION_TYPES,
+                       metric="exact_match", max_new_tokens=ctx.config.data.max_answer_len, predictions=preds,
+                       max_examples=max_examples)
+  return table, preds
+
+
+@pytest.mark.slow
+def test_export_predictions_equal_in_memory_on_the_whole_test_split(tmp_path):
+  spec = importlib.util.spec_from_file_location("demo", os.path.join(REPO, "experiments", "configs", "demo.py"))
+  demo = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(demo)
+  config = demo.get_config("")
+  config.data.data_dir = str(tmp_path / "tfds")
+  config.data.config = "tiny"  # calibration data only; the test split below is 'small' (= default's)
+  config.quant.calib_samples, config.quant.calib_batch_size, config.quant.progress = 64, 32, False
+  config.quant.methods = ("billm",)
+  config.quant.variants = {"sab_structured": {"method": "sab", "structured": True}}
+  ctx = stages.Context(config, str(tmp_path / "wd"))
+  stages.stage_teacher(ctx)
+  stages.stage_calibrate(ctx)
+  stages.stage_binarize(ctx)
+  ctx.config.data.config = "small"
+  for name, (model, layers, provider) in list(ctx.binarized.items()):
+    # the export stores every non-binarized param in bf16: so does the reference
+    kernels = {f"{p}.kernel" for p in layers}
+    for path, v in nnx.iter_graph(model):
+      if isinstance(v, nnx.Param) and ".".join(map(str, path)) not in kernels:
+        v.set_value(v.get_value().astype(jnp.bfloat16).astype(v.get_value().dtype))
+    ref_table, ref = _predictions(ctx, model)
+    assert ref_table["count"] == 2000
+    directory = str(tmp_path / name)
+    checkpoint.export(model, layers, name, provider, directory)
+    served, _ = packed.from_export(directory, ctx.new_model(), mode="dequant")
+    assert any(isinstance(m, packed.PackedDense) for _, m in nnx.iter_graph(served))
+    table, got = _predictions(ctx, served)
+    assert got == ref, name
+    assert table == ref_table
+    if packed.kernel_supports(provider):
+      # the Pallas kernel (interpret mode here): same answers on the first 250 questions
+      fast, _ = packed.from_export(directory, ctx.new_model(), mode="kernel")
+      _, got_fast = _predictions(ctx, fast, max_examples=250)
+      assert got_fast == ref[:250], name
+
+
+def _stats(rng, n_in):
+  from sab_jax.quant.providers.base import LayerStats
+  x = rng.standard_normal((256, n_in)).astype(np.float32)
+  h = jnp.asarray(2 / 256 * x.T @ x)
+  return LayerStats(h, h, 256, 256)
+
+
+@pytest.mark.parametrize("n_in,n_out", [(256, 96), (1100, 130), (64, 48)])
+@pytest.mark.parametrize("name", ["xnor", "sab_structured", "arb_rc_structured", "billm", "pbllm"])
+def test_packed_dense_matches_the_dequantized_kernel(name, n_in, n_out):
+  rng = np.random.default_rng(n_in)
+  provider = {"sab_structured": providers.Sab(structured=True),
+              "arb_rc_structured": providers.ArbRc(structured=True)}.get(name) or providers.METHODS[name]()
+  w = jnp.asarray(rng.standard_normal((n_in, n_out)).astype(np.float32))
+  b = provider(w, _stats(rng, n_in))
+  parts = {k: np.asarray(v) for k, v in b.parts.items()}
+  bias = rng.standard_normal(n_out).astype(np.float32)
+  x = jnp.asarray(rng.standard_normal((2, 3, n_in)).astype(np.float32))
+  ref = jnp.dot(x, b.w_hat) + bias
+  exact = packed.PackedDense(provider, parts, n_in, n_out, bias=bias, dtype=jnp.float32, mode="dequant")
+  assert exact.mode == "dequant" and not any(v.dtype == jnp.float32 and v.ndim == 2 and v.shape == (n_in, n_out)
+                                             for v in jax_leaves(exact))
+  np.testing.assert_array_equal(np.asarray(exact(x)), np.asarray(ref))
+  if name in ("billm", "pbllm"):
+    assert not packed.kernel_supports(provider) and packed.planes_for(provider, parts, n_in) is None
+    with pytest.raises(ValueError, match="does not cover"):
+      packed.PackedDense(provider, parts, n_in, n_out, bias=None, dtype=jnp.float32, mode="kernel")
+    return
+  fast = packed.PackedDense(provider, parts, n_in, n_out, bias=bias, dtype=jnp.float32, mode="kernel")
+  assert fast.mode == "kernel"
+  y = np.asarray(fast(x))  # 6 rows: the dot variant
+  assert np.abs(y - np.asarray(ref)).max() <= 1e-5 * np.abs(np.asarray(ref)).max()
+  y2 = np.asarray(fast(x[:1, :2]))  # 2 rows: the multiply-add variant
+  assert np.abs(y2 - np.asarray(ref[:1, :2])).max() <= 1e-5 * np.abs(np.asarray(ref)).max()
+  # the bits read by the kernel: ~1 bit per weight for XNOR, + the gathered residual rows for SAB
+  bits = sum(int(p["bits"][...].size) * 32 for p in fast.planes)
+  assert bits >= n_in * n_out
+  if n_in % 32 == 0 and name == "xnor":
+    assert bits == n_in * n_out
+
+
+def jax_leaves(module):
+  import jax
+  return jax.tree.leaves(nnx.state(module))

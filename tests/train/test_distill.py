@@ -1,0 +1,166 @@
+"""Quantization-aware distillation: STE, BinaryDense from PTQ parts, the KD trainer."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from flax import nnx
+
+from sab_jax import sharding
+from sab_jax.data import pipeline, synthetic_vqa, tokenizer
+from sab_jax.models import llava
+from sab_jax.quant import binary_dense, providers, rules
+from sab_jax.quant.providers.base import LayerStats
+from sab_jax.train import distill, train
+
+import importlib.util
+
+_spec = importlib.util.spec_from_file_location(
+    "demo_config", os.path.join(os.path.dirname(__file__), "..", "..", "experiments", "configs", "demo.py"))
+demo_config = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(demo_config)
+
+PROVIDERS = {"xnor": providers.Xnor(), "sab_structured": providers.Sab(structured=True),
+             "arb_rc": providers.ArbRc(), "sab": providers.Sab()}
+
+
+def _stats(rng, n_in):
+  x = rng.standard_normal((256, n_in)).astype(np.float32) * rng.uniform(0.5, 2, n_in).astype(np.float32)
+  h = jnp.asarray(2 / 256 * x.T @ x)
+  return LayerStats(h, h * 1.5, 256, 256)
+
+
+def test_ste_gradient_is_the_clipped_identity():
+  x = jnp.asarray([-2.0, -0.5, 0.0, 0.3, 0.9, 1.5])
+  g = jnp.asarray([1.0, 2.0, 3.0, 4.0, 5.0, 6.0])
+  grad = jax.grad(lambda v: jnp.sum(binary_dense.ste_sign(v, jnp.float32(1.0)) * g))(x)
+  np.testing.assert_array_equal(np.asarray(grad), [0.0, 2.0, 3.0, 4.0, 5.0, 0.0])
+  np.testing.assert_array_equal(np.asarray(binary_dense.ste_sign(x, jnp.float32(1.0))), [-1, -1, 1, 1, 1, 1])
+
+
+@pytest.mark.parametrize("name", list(PROVIDERS))
+@pytest.mark.parametrize("shape", [(256, 96), (600, 64)])
+def test_binary_dense_starts_as_the_ptq_layer(name, shape):
+  rng = np.random.default_rng(shape[0])
+  w = jnp.asarray(rng.standard_normal(shape).astype(np.float32) * 0.02)
+  b = PROVIDERS[name](w, _stats(rng, shape[0]))
+  parts = {k: np.asarray(v) for k, v in b.parts.items()}
+  layer = binary_dense.BinaryDense(PROVIDERS[name], parts, shape)
+  np.testing.assert_array_equal(np.asarray(layer.weight()), np.asarray(b.w_hat))
+  back = layer.to_parts()
+  assert set(back) == set(parts)
+  for k in parts:
+    np.testing.assert_array_equal(back[k], parts[k], err_msg=k)
+
+
+def test_only_latents_and_scales_get_gradients_and_masks_never_change():
+  rng = np.random.default_rng(0)
+  shape = (256, 64)
+  w = jnp.asarray(rng.standard_normal(shape).astype(np.float32) * 0.02)
+  provider = providers.ArbRc()
+  b = provider(w, _stats(rng, shape[0]))
+  layer = binary_dense.BinaryDense(provider, {k: np.asarray(v) for k, v in b.parts.items()}, shape)
+  x = jnp.asarray(rng.standard_normal((4, shape[0])).astype(np.float32))
+  grads = nnx.grad(lambda m: jnp.sum(m(x) ** 2), argnums=nnx.DiffState(0, distill.TRAINABLE))(layer)
+  kinds = {type(v) for v in jax.tree.leaves(grads, is_leaf=lambda v: isinstance(v, nnx.Variable))}
+  assert kinds == {binary_dense.Latent, binary_dense.Scale}
+  assert float(jnp.abs(grads["kernel"][...]).sum()) > 0
+  masks = [np.asarray(layer.salient_rows[...]), np.asarray(layer.group_hi[...])]
+  opt = nnx.Optimizer(layer, __import__("optax").adam(1e-2), wrt=distill.TRAINABLE)
+  opt.update(layer, grads)
+  np.testing.assert_array_equal(np.asarray(layer.salient_rows[...]), masks[0])
+  np.testing.assert_array_equal(np.asarray(layer.group_hi[...]), masks[1])
+
+
+def test_latent_gradient_of_an_xnor_layer():
+  """d/dW Σ (x Ŵ)·g with Ŵ = sign(W)·α_out: (xᵀ g)·α_out inside the clip, 0 outside."""
+  rng = np.random.default_rng(1)
+  n_in, n_out = 64, 32
+  w = jnp.asarray(rng.standard_normal((n_in, n_out)).astype(np.float32))
+  b = providers.Xnor()(w, _stats(rng, n_in))
+  layer = binary_dense.BinaryDense(providers.Xnor(), {k: np.asarray(v) for k, v in b.parts.items()}, (n_in, n_out),
+                                   clip=0.5)
+  layer.kernel[...] = w  # latent wider than the clip in places
+  x = jnp.asarray(rng.standard_normal((3, n_in)).astype(np.float32))
+  g = jnp.asarray(rng.standard_normal((3, n_out)).astype(np.float32))
+  grads = nnx.grad(lambda m: jnp.sum(m(x) * g), argnums=nnx.DiffState(0, binary_dense.Latent))(layer)
+  a = np.asarray(layer.alpha_out[...][0, 0])
+  inside = np.abs(np.asarray(w)) <= 0.5 * a.max()
+  want = (np.asarray(x).T @ np.asarray(g)) * a[None, :] * inside
+  np.testing.assert_allclose(np.asarray(grads["kernel"][...]), want, rtol=1e-5, atol=1e-6)
+  assert 0 < inside.mean() < 1
+
+
+def test_kd_loss_is_the_kl_on_answer_positions():
+  rng = np.random.default_rng(0)
+  t = rng.standard_normal((2, 5, 7)).astype(np.float32)
+  s = rng.standard_normal((2, 5, 7)).astype(np.float32)
+  mask = np.zeros((2, 5), np.float32)
+  mask[:, 3] = 1
+  batch = {"loss_mask": jnp.asarray(mask), "input_ids": jnp.zeros((2, 5), jnp.int32)}
+  assert float(distill.kd_loss(jnp.asarray(t), batch, jnp.asarray(t))) == pytest.approx(0.0, abs=1e-6)
+  pt = np.exp(t / 2) / np.exp(t / 2).sum(-1, keepdims=True)
+  ps = np.exp(s / 2) / np.exp(s / 2).sum(-1, keepdims=True)
+  kl = (pt * (np.log(pt) - np.log(ps))).sum(-1)[:, 3].mean() * 4
+  assert float(distill.kd_loss(jnp.asarray(s), batch, jnp.asarray(t), temperature=2.0)) == pytest.approx(kl, rel=1e-5)
+
+
+# --- the trainer ----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+  return synthetic_vqa.build("tiny", tmp_path_factory.mktemp("tfds")).as_data_source()["train"]
+
+
+def _data(source):
+  return pipeline.make_dataset(source, tokenizer.WordTokenizer.for_synthetic_vqa(), num_image_tokens=16,
+                               image_mean=pipeline.CLIP_MEAN, image_std=pipeline.CLIP_STD, batch_size=8,
+                               max_prompt_len=32, max_answer_len=2, seed=1)
+
+
+@pytest.fixture(scope="module")
+def teacher_and_parts():
+  teacher = llava.Model("demo", rngs=nnx.Rngs(0))
+  rng = np.random.default_rng(0)
+  layers = {}
+  for path in rules.select(teacher, rules.DECODER_ONLY):
+    from sab_jax.models import packed
+    k = packed.get_layer(teacher, path).kernel[...]
+    layers[path] = {kk: np.asarray(v) for kk, v in providers.Xnor()(k, _stats(rng, k.shape[0])).parts.items()}
+  return teacher, layers
+
+
+def _config(steps, mesh=None):
+  c = demo_config.get_config("smoke")
+  c.unlock()
+  c.train = c.distill.train
+  c.train.update(num_steps=steps, log_every=1, checkpoint_every=2, warmup_steps=1, lr=1e-3)
+  if mesh:
+    c.mesh = ml_collections.ConfigDict(mesh)
+  return c
+
+
+def _distil(tmp, source, teacher_and_parts, steps, mesh=None, devices=None):
+  teacher, layers = teacher_and_parts
+  student = distill.build_student(teacher, layers, providers.Xnor())
+  cfg = _config(steps, mesh)
+  m = sharding.make_mesh(dict(cfg.mesh), devices=devices) if devices else None
+  return train.train(cfg, str(tmp), student, _data(source), loss_fn=distill.kd_loss, name="kd", teacher=teacher,
+                     wrt=distill.TRAINABLE, mesh=m)
+
+
+@pytest.mark.slow
+def test_distillation_on_8_devices_matches_1_device(tmp_path, source, teacher_and_parts):
+  assert jax.device_count() == 8
+  student, one = _distil(tmp_path / "a", source, teacher_and_parts, 4, {"data": 1, "fsdp": 1, "model": 1},
+                         devices=jax.devices()[:1])
+  _, eight = _distil(tmp_path / "b", source, teacher_and_parts, 4, {"data": 4, "fsdp": 1, "model": 2})
+  np.testing.assert_allclose([l for _, l in eight], [l for _, l in one], rtol=2e-4)
+  assert one[-1][1] < one[0][1]  # the student moves towards the teacher
+  # frozen parameters are the teacher's, untouched
+  teacher = teacher_and_parts[0]
+  np.testing.assert_array_equal(np.asarray(student.language_model.embed_tokens.embedding[...]),
+                                np.asarray(teacher.language_model.embed_tokens.embedding[...]))
