@@ -14,7 +14,7 @@ DEMO = os.path.join(REPO, "experiments", "configs", "demo.py")
 def _run(tmp_path, *args):
   env = dict(os.environ, TFDS_DATA_DIR=str(tmp_path / "tfds"))
   return subprocess.run([sys.executable, "-m", "sab_jax.main", *args], cwd=REPO, env=env,
-                        capture_output=True, text=True, timeout=600)
+                        capture_output=True, text=True, timeout=1200)
 
 
 def test_smoke_retrain_writes_results_and_resumes(tmp_path):

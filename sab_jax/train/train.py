@@ -13,17 +13,19 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 from flax import nnx
 
 from sab_jax import sharding as sharding_lib
 from sab_jax.train import checkpointing
+
+if TYPE_CHECKING:  # configs are ConfigDicts, but the GPU image has no ml-collections
+  import ml_collections
 
 
 def answer_cross_entropy(logits: jax.Array, batch: dict[str, jax.Array]) -> jax.Array:
@@ -65,7 +67,7 @@ def make_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformati
                                                 end_value=cfg.lr * cfg.final_lr_fraction)
   tx = optax.chain(optax.clip_by_global_norm(cfg.grad_clip),
                    optax.adamw(schedule, b1=0.9, b2=0.98, weight_decay=cfg.weight_decay))
-  policy = cfg.get("nonfinite", "stop")
+  policy = getattr(cfg, "nonfinite", "stop")
   if policy not in ("stop", "skip"):
     raise ValueError(f"config.train.nonfinite={policy!r}: use 'stop' or 'skip'")
   return optax.apply_if_finite(tx, max_consecutive_errors=10) if policy == "skip" else tx
