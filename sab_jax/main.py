@@ -1,10 +1,8 @@
 """Entry point: `python -m sab_jax.main --config=experiments/configs/demo.py[:arg] --workdir=DIR`.
 
-Kept short on purpose (as Flax's examples): parse flags, start multi-host JAX when
-launched across hosts, hand the config to `sab_jax.stages.run`.
+Kept short on purpose (as Flax's examples): parse flags, start multi-process JAX when
+a launcher asks for it (`sab_jax.distributed`), hand the config to `sab_jax.stages.run`.
 """
-
-import os
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -20,11 +18,12 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if not flags.FLAGS["verbosity"].present:  # orbax logs every file it writes at INFO
     logging.set_verbosity(logging.WARNING)
-  import jax  # after flag parsing, so `--help` stays fast
-  if int(os.environ.get("NUM_PROCESSES", "1")) > 1 or "COORDINATOR_ADDRESS" in os.environ:
-    jax.distributed.initialize()
+  # Before anything else touches JAX; after flag parsing, so `--help` stays fast.
+  from sab_jax import distributed
+  multi_process = distributed.maybe_initialize()
   from sab_jax import stages
-  stages.run(_CONFIG.value, _WORKDIR.value)
+  with distributed.fail_fast(active=multi_process):
+    stages.run(_CONFIG.value, _WORKDIR.value)
 
 
 if __name__ == "__main__":

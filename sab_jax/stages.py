@@ -50,6 +50,8 @@ class Context:
     self.binarized: dict[str, tuple[Any, Any, Any]] = {}
 
   def save_results(self) -> None:
+    if jax.process_index() != 0:  # every process holds the same results; one writes them
+      return
     tmp = self.results_path + ".tmp"
     with open(tmp, "w") as f:
       json.dump(self.results, f, indent=1, sort_keys=True)
@@ -60,6 +62,11 @@ class Context:
 
   def source(self, builder_config: str, split: str):
     if builder_config not in self.builders:
+      if jax.process_count() > 1:  # process 0 prepares the files, the others then only read them
+        from jax.experimental import multihost_utils
+        if jax.process_index() == 0:
+          synthetic_vqa.build(builder_config, self.data_dir)
+        multihost_utils.sync_global_devices(f"synthetic_vqa/{builder_config} built")
       self.builders[builder_config] = synthetic_vqa.build(builder_config, self.data_dir)
     return self.builders[builder_config].as_data_source()[split]
 

@@ -70,8 +70,9 @@ def save_params(path: str, model: nnx.Module, meta: dict[str, Any]) -> None:
   ckpt = ocp.StandardCheckpointer()
   ckpt.save(os.path.join(path, "params"), nnx.state(model, nnx.Param), force=True)
   ckpt.wait_until_finished()
-  with open(os.path.join(path, "meta.json"), "w") as f:
-    json.dump(meta, f, indent=1, sort_keys=True)
+  if jax.process_index() == 0:  # one writer: the processes' metas differ (timings)
+    with open(os.path.join(path, "meta.json"), "w") as f:
+      json.dump(meta, f, indent=1, sort_keys=True)
 
 
 def load_params(path: str, model: nnx.Module) -> dict[str, Any]:

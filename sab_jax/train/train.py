@@ -167,7 +167,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, model: nnx.Module, da
 
 
 def _summary_writer(path: str):
-  """TensorBoard event files via tensorboardX (no TensorFlow needed)."""
+  """TensorBoard event files via tensorboardX (no TensorFlow needed), from process 0 only."""
+  if jax.process_index() != 0:
+    return None
   try:
     from tensorboardX import SummaryWriter
   except ImportError:  # optional on GPU/TPU images; metrics still go to stdout
