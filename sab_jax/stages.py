@@ -293,7 +293,8 @@ def stage_distill(ctx: Context) -> None:
     data = ctx.batches(ctx.config.data.train_config, "train", batch_size=dc.train.batch_size, train=True,
                        seed=ctx.config.seed + 2)
     t = time.time()
-    loss_fn = functools.partial(distill.kd_loss, temperature=dc.temperature, ce_weight=dc.ce_weight)
+    loss_fn = functools.partial(distill.kd_loss, temperature=dc.temperature, ce_weight=dc.ce_weight,
+                                hidden_weight=dc.hidden_weight)
     student, history = train_lib.train(config, ctx.workdir, student, data, loss_fn=loss_fn, name=f"distill_{source}",
                                        teacher=ctx.teacher, wrt=distill.TRAINABLE)
     seconds = time.time() - t

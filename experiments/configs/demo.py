@@ -99,6 +99,8 @@ def get_config(arg=None):
   c.distill.temperature = 1.0
   # Weight of the answer cross-entropy added to the KL (0: pure distillation).
   c.distill.ce_weight = 0.0
+  # Weight of the final-hidden-state matching term ‖h_s − h_t‖²/‖h_t‖² (0: off).
+  c.distill.hidden_weight = 0.0
   # Straight-through gradient passes where |latent| <= clip x the row's largest scale.
   c.distill.clip = 1.0
   c.distill.train = ml_collections.ConfigDict({

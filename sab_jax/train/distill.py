@@ -24,18 +24,28 @@ from sab_jax.quant import providers as providers_lib
 TRAINABLE = nnx.Any(binary_dense.Latent, binary_dense.Scale)
 
 
-def kd_loss(logits: jax.Array, batch: Mapping[str, jax.Array], teacher_logits: jax.Array, *,
-            temperature: float = 1.0, ce_weight: float = 0.0) -> jax.Array:
-  """T²·KL(teacher_T ‖ student_T) over answer positions (+ ce_weight · answer cross-entropy)."""
+def kd_loss(logits: jax.Array, batch: Mapping[str, jax.Array], teacher_logits: jax.Array,
+            hidden: jax.Array | None = None, teacher_hidden: jax.Array | None = None, *,
+            temperature: float = 1.0, ce_weight: float = 0.0, hidden_weight: float = 0.0) -> jax.Array:
+  """T²·KL(teacher_T ‖ student_T) over answer positions, + ce_weight · answer cross-entropy,
+  + hidden_weight · ‖h_s − h_t‖² / ‖h_t‖² of the final hidden states at those positions."""
   mask = batch["loss_mask"].astype(jnp.float32)
+  n = jnp.maximum(jnp.sum(mask), 1.0)
   t = jax.nn.log_softmax(teacher_logits.astype(jnp.float32) / temperature, axis=-1)
   s = jax.nn.log_softmax(logits.astype(jnp.float32) / temperature, axis=-1)
   kl = jnp.sum(jnp.exp(t) * (t - s), axis=-1) * temperature ** 2
-  loss = jnp.sum(kl * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+  loss = jnp.sum(kl * mask) / n
   if ce_weight:
     targets = jnp.roll(batch["input_ids"], -1, axis=1)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
-    loss = loss + ce_weight * jnp.sum(ce * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+    loss = loss + ce_weight * jnp.sum(ce * mask) / n
+  if hidden_weight:
+    if hidden is None or teacher_hidden is None:
+      raise ValueError("hidden_weight > 0 needs the student's and the teacher's hidden states")
+    hs, ht = hidden.astype(jnp.float32), teacher_hidden.astype(jnp.float32)
+    num = jnp.sum(jnp.sum(jnp.square(hs - ht), axis=-1) * mask)
+    den = jnp.maximum(jnp.sum(jnp.sum(jnp.square(ht), axis=-1) * mask), 1e-12)
+    loss = loss + hidden_weight * num / den
   return loss
 
 

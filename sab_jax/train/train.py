@@ -89,7 +89,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, model: nnx.Module, da
     workdir: checkpoints go to `workdir/checkpoints/<name>`, TensorBoard to `workdir/tb/<name>`.
     model: the model to train (its current weights are the starting point).
     data: a `grain.IterDataset` of pipeline batches (repeating).
-    loss_fn: (logits, batch) -> scalar, or with a teacher (logits, batch, teacher_logits).
+    loss_fn: (logits, batch) -> scalar; with a teacher (logits, batch, teacher_logits, hidden,
+      teacher_hidden), the hidden states being the decoders' final ones (`forward`).
     name: the run's name under workdir.
     teacher: a frozen model run on the same batch, on the same mesh (distillation).
     wrt: which variables the optimiser updates (an nnx filter; default every Param).
@@ -128,10 +129,14 @@ def train(config: ml_collections.ConfigDict, workdir: str, model: nnx.Module, da
   @nnx.jit(donate_argnums=(0, 1))
   def step_fn(model, optimizer, teacher, batch):
     inputs = (batch["input_ids"], batch["pixel_values"], batch["attention_mask"])
-    extra = () if teacher is None else (jax.lax.stop_gradient(teacher(*inputs)),)
+    if teacher is not None:  # distillation: logits and final hidden states of both
+      t_logits, t_aux = jax.lax.stop_gradient(teacher.forward(*inputs))
 
     def loss_of(m):
-      return loss_fn(m(*inputs), batch, *extra)
+      if teacher is None:
+        return loss_fn(m(*inputs), batch)
+      logits, aux = m.forward(*inputs)
+      return loss_fn(logits, batch, t_logits, aux["hidden"], t_aux["hidden"])
 
     loss, grads = nnx.value_and_grad(loss_of, argnums=nnx.DiffState(0, wrt))(model)
     optimizer.update(model, grads)

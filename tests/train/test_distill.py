@@ -1,5 +1,6 @@
 """Quantization-aware distillation: STE, BinaryDense from PTQ parts, the KD trainer."""
 
+import functools
 import os
 
 import jax
@@ -108,6 +109,21 @@ def test_kd_loss_is_the_kl_on_answer_positions():
   assert float(distill.kd_loss(jnp.asarray(s), batch, jnp.asarray(t), temperature=2.0)) == pytest.approx(kl, rel=1e-5)
 
 
+def test_kd_loss_hidden_term_is_the_relative_error_on_answer_positions():
+  rng = np.random.default_rng(1)
+  logits = jnp.asarray(rng.standard_normal((2, 4, 5)).astype(np.float32))
+  ht = rng.standard_normal((2, 4, 3)).astype(np.float32)
+  hs = rng.standard_normal((2, 4, 3)).astype(np.float32)
+  mask = np.array([[0, 1, 1, 0], [0, 0, 1, 0]], np.float32)
+  batch = {"loss_mask": jnp.asarray(mask), "input_ids": jnp.zeros((2, 4), jnp.int32)}
+  got = distill.kd_loss(logits, batch, logits, jnp.asarray(hs), jnp.asarray(ht), hidden_weight=2.0)
+  m = mask[..., None]
+  want = 2.0 * ((hs - ht) ** 2 * m).sum() / ((ht ** 2) * m).sum()
+  assert float(got) == pytest.approx(want, rel=1e-5)
+  with pytest.raises(ValueError, match="hidden states"):
+    distill.kd_loss(logits, batch, logits, hidden_weight=1.0)
+
+
 # --- the trainer ----------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -148,7 +164,8 @@ def _distil(tmp, source, teacher_and_parts, steps, mesh=None, devices=None):
   student = distill.build_student(teacher, layers, providers.Xnor())
   cfg = _config(steps, mesh)
   m = sharding.make_mesh(dict(cfg.mesh), devices=devices) if devices else None
-  return train.train(cfg, str(tmp), student, _data(source), loss_fn=distill.kd_loss, name="kd", teacher=teacher,
+  loss_fn = functools.partial(distill.kd_loss, ce_weight=0.1, hidden_weight=0.5)  # every term on
+  return train.train(cfg, str(tmp), student, _data(source), loss_fn=loss_fn, name="kd", teacher=teacher,
                      wrt=distill.TRAINABLE, mesh=m)
 
 
