@@ -174,20 +174,18 @@ def stage_calibrate(ctx: Context) -> None:
   print(f"[calibrate] {ctx.results['calibration']}")
 
 
-def binarized_size(ctx: Context, model: nnx.Module, layers: dict[str, Any]) -> dict[str, Any]:
-  """Bit accounting of a binarized model (formulas in sab_jax.quant.core.bits_core).
+def binarized_size(layers: dict[str, Any]) -> dict[str, Any]:
+  """Bit accounting of the binarized layers by formula (sab_jax.quant.core.bits_core);
+  the bytes really written come from the `export` stage.
 
   bits_per_weight: every stored bit of the binarized layers over their weight count;
-  nominal_bits: the papers' count over the same weights; model_bytes: the binarized
-  layers' stored bits plus every other parameter at 16 bits (bf16, as exported).
+  nominal_bits: the papers' count over the same weights.
   """
   numel = {p: int(np.prod(r.binarized.w_hat.shape)) for p, r in layers.items()}
   total = sum(numel.values())
   stored = sum(r.binarized.stored_bits for r in layers.values())
   nominal = sum(r.binarized.nominal_bits * numel[p] for p, r in layers.items())
-  all_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
   return {"bits_per_weight": stored / total, "nominal_bits": nominal / total,
-          "model_bytes": int(np.ceil(stored / 8) + 2 * (all_params - total)),
           "binarized_weights": total, "binarized_layers": len(layers)}
 
 
@@ -234,7 +232,7 @@ def stage_binarize(ctx: Context) -> None:
     layers = calibrate.binarize_model(model, ctx.calib_batches, provider, rules_lib.parse(qc.rules), mesh,
                                       progress=qc.progress)
     seconds = time.time() - t
-    size = binarized_size(ctx, model, layers)
+    size = binarized_size(layers)
     entry = {"method": method, "binarize_seconds": seconds, "provider": repr(provider),
              "formula_bits_per_weight": size["bits_per_weight"], "nominal_bits": size["nominal_bits"],
              "binarized_weights": size["binarized_weights"], "binarized_layers": size["binarized_layers"],
@@ -246,26 +244,31 @@ def stage_binarize(ctx: Context) -> None:
           f"({size['nominal_bits']:.3f} nominal), mean layer output error {errs.mean():.4f}, {seconds:.1f} s")
 
 
+def _write_export(ctx: Context, name: str, model: nnx.Module, layers: dict[str, Any], provider: Any
+                  ) -> dict[str, Any]:
+  """Exports to `DIR/exports/<name>`; returns the results.json fields counted from the bytes written."""
+  from sab_jax.export import checkpoint as export_lib
+  directory = os.path.join(ctx.workdir, "exports", name)
+  info = export_lib.export(model, layers, name, provider, directory, config=ctx.config, overwrite=True,
+                           int8_params=tuple(ctx.config.export.int8_params))
+  return {"bits_per_weight": info["bits_per_weight"], "model_bytes": info["model_bytes"],
+          "binarized_bytes": info["binarized_bytes"], "params_bytes": info["params_bytes"],
+          "export_dir": os.path.relpath(directory, ctx.workdir)}
+
+
 def stage_export(ctx: Context) -> None:
   """Writes each binarized model of this run as a packed export (`sab_jax.export`);
   bits_per_weight and model_bytes in results.json are counted from the bytes written."""
-  from sab_jax.export import checkpoint as export_lib
-
   for name, (model, layers, provider) in list(ctx.binarized.items()):
     bucket = "methods" if name in ctx.results.get("methods", {}) else "variants"
-    directory = os.path.join(ctx.workdir, "exports", name)
     t = time.time()
-    info = export_lib.export(model, layers, name, provider, directory, config=ctx.config, overwrite=True,
-                             int8_params=tuple(ctx.config.export.int8_params))
     entry = ctx.results[bucket][name]
-    entry.update(bits_per_weight=info["bits_per_weight"], model_bytes=info["model_bytes"],
-                 binarized_bytes=info["binarized_bytes"], params_bytes=info["params_bytes"],
-                 export_dir=os.path.relpath(directory, ctx.workdir))
+    entry.update(_write_export(ctx, name, model, layers, provider))
     del ctx.binarized[name]
     ctx.save_results()
-    print(f"[export] {name}: {info['bits_per_weight']:.3f} bits/weight from bytes written "
-          f"({entry['formula_bits_per_weight']:.3f} by formula), {info['model_bytes']} bytes on disk, "
-          f"{time.time() - t:.1f} s -> {directory}")
+    print(f"[export] {name}: {entry['bits_per_weight']:.3f} bits/weight from bytes written "
+          f"({entry['formula_bits_per_weight']:.3f} by formula), {entry['model_bytes']} bytes on disk, "
+          f"{time.time() - t:.1f} s -> {entry['export_dir']}")
 
 
 def stage_distill(ctx: Context) -> None:
@@ -299,20 +302,16 @@ def stage_distill(ctx: Context) -> None:
                                        teacher=ctx.teacher, wrt=distill.TRAINABLE)
     seconds = time.time() - t
     bits = {layer["path"]: layer["bits"] for layer in manifest["layers"]}
-    directory = os.path.join(ctx.workdir, "exports", name)
-    info = export_lib.export(nnx.clone(ctx.teacher), distill.binarized_layers(student, provider, bits), name, provider,
-                             directory, config=ctx.config, overwrite=True,
-                             int8_params=tuple(ctx.config.export.int8_params))
+    written = _write_export(ctx, name, nnx.clone(ctx.teacher), distill.binarized_layers(student, provider, bits),
+                            provider)
     final_loss = history[-1][1] if history else None
     ctx.results["methods"][name] = {
         "method": name, "distilled_from": source, "final_loss": final_loss, "distill_seconds_this_run": seconds,
         "distill_steps": dc.train.num_steps, "provider": repr(provider), "nominal_bits": src["nominal_bits"],
-        "formula_bits_per_weight": src["formula_bits_per_weight"], "bits_per_weight": info["bits_per_weight"],
-        "model_bytes": info["model_bytes"], "binarized_bytes": info["binarized_bytes"],
-        "params_bytes": info["params_bytes"], "export_dir": os.path.relpath(directory, ctx.workdir)}
+        "formula_bits_per_weight": src["formula_bits_per_weight"], **written}
     ctx.results["final_loss"] = final_loss
     ctx.save_results()
-    print(f"[distill] {name}: final loss {final_loss}, {seconds / 60:.1f} min, exported to {directory}")
+    print(f"[distill] {name}: final loss {final_loss}, {seconds / 60:.1f} min, exported to {written['export_dir']}")
 
 
 def stage_eval(ctx: Context) -> None:

@@ -139,10 +139,11 @@ class BinaryDense(nnx.Module):
   def weight(self) -> jax.Array:
     """Ŵ `[in, out]` from the current latent weights and scales."""
     w = self.kernel[...].astype(jnp.float32)
-    first0, second_scale = self._terms(jnp.ones_like(w))
-    clip = self.clip * jnp.max(jnp.abs(first0), axis=1, keepdims=True)
+    # The first-order term is linear in the signs: build its scale matrix once.
+    first_scale, second_scale = self._terms(jnp.ones_like(w))
+    clip = self.clip * jnp.max(jnp.abs(first_scale), axis=1, keepdims=True)
     s1 = ste_sign(w, jax.lax.stop_gradient(clip))
-    first, second_scale = self._terms(s1)
+    first = s1 * first_scale
     if self.xnor:
       return first
     s2 = ste_sign(w - first, jax.lax.stop_gradient(clip))
