@@ -104,3 +104,24 @@ def fail_fast(active: bool = True) -> Iterator[None]:
     sys.stderr.flush()
     os._exit(130 if isinstance(e, KeyboardInterrupt) else 1)
 
+
+
+# --- within a multi-process run ------------------------------------------------------------
+def barrier(name: str) -> None:
+  """Waits until every process reaches `name` (no-op with one process): files one process
+  writes are complete before the others read them."""
+  import jax
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
+
+
+def host_value(x):
+  """`x` as a numpy array on every process, also when its shards live on other hosts
+  (FSDP over hosts); the gather is collective, so every process must call it."""
+  import jax
+  import numpy as np
+  if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(jax.device_get(x))

@@ -90,10 +90,21 @@ def state_shardings(abstract_state: nnx.State, mesh: Mesh, rules: Iterable[tuple
   return jax.tree.map(one, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
+def put(x: Any, sharding: jax.sharding.Sharding) -> jax.Array:
+  """`jax.device_put` that also accepts a sharding spanning processes: a local value (the
+  same on every process) is cut into this process's shards; a global array is resharded."""
+  if sharding.is_fully_addressable or (isinstance(x, jax.Array) and not x.is_fully_addressable):
+    return jax.device_put(x, sharding)
+  host = np.asarray(x)
+  return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
 def place(model: nnx.Module, mesh: Mesh, rules: Iterable[tuple[str, Any]] = DEFAULT_RULES) -> nnx.Module:
-  """Moves an existing model's variables onto their shardings on `mesh` (in place)."""
+  """Moves an existing model's variables onto their shardings on `mesh` (in place; see `put`)."""
   state = nnx.state(model)
-  nnx.update(model, jax.device_put(state, state_shardings(state, mesh, rules)))
+  shardings = state_shardings(state, mesh, rules)
+  is_var = lambda x: isinstance(x, nnx.Variable)
+  nnx.update(model, jax.tree.map(lambda v, sh: v.replace(put(v.get_value(), sh)), state, shardings, is_leaf=is_var))
   return model
 
 

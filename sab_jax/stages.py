@@ -14,15 +14,21 @@ import time
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
 
-from sab_jax.data import pipeline, synthetic_vqa
+from sab_jax.data import datasets, pipeline, synthetic_vqa
 from sab_jax.data import tokenizer as tokenizer_lib
 from sab_jax.eval import metrics, vqa
-from sab_jax.models import llava
+from sab_jax.models import hf, llava
 from sab_jax.train import checkpointing, train as train_lib
+
+
+def _tokenizer_path(config: ml_collections.ConfigDict) -> str | None:
+  """config.data.tokenizer, else a Hugging Face teacher's own; None: the synthetic set's word tokenizer."""
+  return config.data.tokenizer or (config.teacher.init if config.teacher.format == "hf" else None)
 
 
 class Context:
@@ -35,14 +41,28 @@ class Context:
     if os.path.exists(self.results_path):
       with open(self.results_path) as f:
         self.results = json.load(f)
-    self.tokenizer = tokenizer_lib.WordTokenizer.for_synthetic_vqa()
-    self.model_cfg = llava.config_from_dict(config.model.to_dict())
+    dc, tc = config.data, config.teacher
+    if not tc.init and not tc.retrain:
+      raise ValueError("config.teacher.init is not set: pass --config.teacher.init=DIR (a Hugging Face LLaVA "
+                       "checkpoint directory with teacher.format 'hf', a sab_jax checkpoint with 'orbax')")
+    self.dataset = datasets.get(dc.name)
+    path = _tokenizer_path(config)
+    self.tokenizer = tokenizer_lib.HFTokenizer(path) if path else tokenizer_lib.WordTokenizer.for_synthetic_vqa()
+    if tc.format == "hf":  # the checkpoint's config.json defines the model; config.model is not used
+      self.model_cfg = hf.read_config(tc.init)
+    elif tc.format == "orbax":
+      self.model_cfg = llava.config_from_dict(config.model.to_dict())
+    else:
+      raise ValueError(f"config.teacher.format={tc.format!r}: use 'orbax' (sab_jax checkpoints) or 'hf' "
+                       f"(a Hugging Face LLaVA directory)")
+    self.param_dtype = jnp.dtype(tc.param_dtype)
     if self.tokenizer.vocab_size > self.model_cfg.text.vocab_size:
-      raise ValueError(f"tokenizer has {self.tokenizer.vocab_size} tokens but config.model.text.vocab_size is "
-                       f"{self.model_cfg.text.vocab_size}: raise the latter")
+      raise ValueError(f"tokenizer has {self.tokenizer.vocab_size} tokens but the model's vocab_size is "
+                       f"{self.model_cfg.text.vocab_size}: raise config.model.text.vocab_size, or point "
+                       f"config.data.tokenizer at the checkpoint's own tokenizer")
     if self.tokenizer.image_token_id != self.model_cfg.image_token_id:
-      raise ValueError(f"config.model.image_token_id={self.model_cfg.image_token_id} but the tokenizer's image "
-                       f"token is {self.tokenizer.image_token_id}")
+      raise ValueError(f"the model's image_token_id is {self.model_cfg.image_token_id} but the tokenizer's image "
+                       f"token is {self.tokenizer.image_token_id}: the tokenizer does not belong to this model")
     self.builders: dict[str, Any] = {}
     self.teacher: nnx.Module | None = None
     self.calib_batches: list[dict[str, np.ndarray]] = []
@@ -58,87 +78,130 @@ class Context:
     os.replace(tmp, self.results_path)  # never leaves a half-written results.json
 
   def new_model(self, seed: int = 0) -> nnx.Module:
-    return llava.Llava(self.model_cfg, rngs=nnx.Rngs(seed))
+    return llava.Llava(self.model_cfg, param_dtype=self.param_dtype, rngs=nnx.Rngs(seed))
 
   def source(self, builder_config: str, split: str):
     if builder_config not in self.builders:
+      dc = self.config.data
+      build = lambda: datasets.load(dc.name, builder_config, self.data_dir, dc.manual_dir)
       if jax.process_count() > 1:  # process 0 prepares the files, the others then only read them
         from jax.experimental import multihost_utils
         if jax.process_index() == 0:
-          synthetic_vqa.build(builder_config, self.data_dir)
-        multihost_utils.sync_global_devices(f"synthetic_vqa/{builder_config} built")
-      self.builders[builder_config] = synthetic_vqa.build(builder_config, self.data_dir)
-    return self.builders[builder_config].as_data_source()[split]
+          build()
+        multihost_utils.sync_global_devices(f"{dc.name}/{builder_config} built")
+      self.builders[builder_config] = build()
+    sources = self.builders[builder_config].as_data_source()
+    if split not in sources:
+      raise ValueError(f"{self.config.data.name}/{builder_config} has no split {split!r}; it has {sorted(sources)}")
+    return sources[split]
 
   @property
   def data_dir(self) -> str:
     return os.path.expanduser(self.config.data.data_dir or os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets"))
 
-  def batches(self, builder_config: str, split: str, *, batch_size: int, train: bool, seed: int = 0):
+  def batches(self, builder_config: str, split: str, *, batch_size: int, train: bool, seed: int = 0,
+              max_records: int | None = None):
+    """Training batches (shuffled, endless) or one evaluation pass whose shards are padded
+    to equal length (every process then runs the same steps)."""
     dc = self.config.data
     return pipeline.make_dataset(
         self.source(builder_config, split), self.tokenizer, num_image_tokens=self.model_cfg.num_image_tokens,
         image_mean=pipeline.CLIP_MEAN, image_std=pipeline.CLIP_STD, batch_size=batch_size,
         max_prompt_len=dc.max_prompt_len, max_answer_len=dc.max_answer_len, shuffle=train, seed=seed,
-        num_epochs=None if train else 1, drop_remainder=train)
+        num_epochs=None if train else 1, drop_remainder=train, image_size=self.model_cfg.vision.image_size,
+        question_types=self.dataset.question_types, max_records=max_records, pad_shards=not train)
 
 
 def model_bytes(model: nnx.Module) -> int:
   return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(nnx.state(model, nnx.Param))))
 
 
-def evaluate(ctx: Context, model: nnx.Module) -> dict[str, Any]:
+def evaluate(ctx: Context, model: nnx.Module, name: str) -> dict[str, Any]:
+  """Scores `model` on the eval split; its answers go to DIR/predictions/<name>.jsonl, one
+  line per question in split order (with several processes, one file per process's shard)."""
   ec = ctx.config.eval
-  batches = ctx.batches(ctx.config.data.config, ec.split, batch_size=ec.batch_size, train=False)
-  return vqa.evaluate(model, batches, ctx.tokenizer, question_types=synthetic_vqa.QUESTION_TYPES,
-                      metric="exact_match", max_new_tokens=ctx.config.data.max_answer_len,
-                      max_examples=ec.max_examples if ec.max_examples > 0 else None)
+  batches = ctx.batches(ctx.config.data.config, ec.split, batch_size=ec.batch_size, train=False,
+                        max_records=ec.max_examples if ec.max_examples > 0 else None)
+  predictions: list[tuple[str, str, str]] = []
+  table = vqa.evaluate(model, batches, ctx.tokenizer, question_types=ctx.dataset.question_types,
+                       metric=ec.metric or ctx.dataset.metric, max_new_tokens=ctx.config.data.max_answer_len,
+                       predictions=predictions)
+  suffix = f".process{jax.process_index()}" if jax.process_count() > 1 else ""
+  path = os.path.join(ctx.workdir, "predictions", f"{name}{suffix}.jsonl")
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path + ".tmp", "w") as f:
+    for question_type, prediction, answer in predictions:
+      f.write(json.dumps({"question_type": question_type, "prediction": prediction, "answer": answer}) + "\n")
+  os.replace(path + ".tmp", path)
+  return table
 
 
 # --- stages ------------------------------------------------------------------------------
 def stage_data(ctx: Context) -> None:
-  """Builds the evaluation dataset (and the training one when a teacher is trained)."""
+  """Prepares the evaluation dataset (and the training one when a teacher is trained)."""
   t = time.time()
-  configs = {ctx.config.data.config}
+  dc = ctx.config.data
+  configs = {dc.config}
   if ctx.config.teacher.retrain:
-    configs.add(ctx.config.data.train_config)
+    configs.add(dc.train_config)
   for c in sorted(configs):
-    ctx.source(c, "test")
-  train_src = ctx.source(ctx.config.data.config, "train")
-  eval_src = ctx.source(ctx.config.data.config, ctx.config.eval.split)
-  majority = synthetic_vqa.majority_baseline((train_src[i] for i in range(len(train_src))),
-                                             (eval_src[i] for i in range(len(eval_src))))
-  ctx.results["majority_baseline"] = majority
-  ctx.results["dataset"] = f"synthetic_vqa/{ctx.config.data.config}"
+    ctx.source(c, ctx.config.eval.split)
+  eval_src = ctx.source(dc.config, ctx.config.eval.split)
+  if dc.name == "synthetic_vqa":  # reading a real training split's 100k+ images just for this would take long
+    train_src = ctx.source(dc.config, "train")
+    ctx.results["majority_baseline"] = synthetic_vqa.majority_baseline(
+        (train_src[i] for i in range(len(train_src))), (eval_src[i] for i in range(len(eval_src))))
+  ctx.results["dataset"] = f"{dc.name}/{dc.config}"
   ctx.results["split"] = ctx.config.eval.split
-  print(f"[data] synthetic_vqa {sorted(configs)} ready in {ctx.data_dir} ({time.time() - t:.1f} s)")
+  print(f"[data] {dc.name} {sorted(configs)} ready in {ctx.data_dir} ({len(eval_src)} {ctx.config.eval.split} "
+        f"questions, {time.time() - t:.1f} s)")
+
+
+def _initial_teacher(ctx: Context) -> nnx.Module:
+  """A Hugging Face checkpoint (placed straight onto the mesh), else a randomly initialised model."""
+  tc = ctx.config.teacher
+  if tc.format != "hf":
+    return ctx.new_model(ctx.config.seed)
+  from sab_jax import sharding as sharding_lib
+  mesh = sharding_lib.make_mesh(dict(ctx.config.mesh))
+  return hf.from_pretrained(tc.init, param_dtype=ctx.param_dtype, mesh=mesh, rules=ctx.config.logical_axis_rules)
 
 
 def stage_teacher(ctx: Context) -> None:
-  """The full-precision teacher: trained here when asked, otherwise the shipped one."""
-  tc = ctx.config.teacher
-  model = ctx.new_model(ctx.config.seed)
+  """The full-precision teacher: trained (or, from a Hugging Face checkpoint, fine-tuned)
+  here when asked, otherwise loaded: the shipped orbax teacher or the HF checkpoint."""
+  tc, dc = ctx.config.teacher, ctx.config.data
   out_dir = os.path.join(ctx.workdir, "teacher")
   if tc.retrain:
     if os.path.exists(os.path.join(out_dir, "meta.json")):
       print(f"[teacher] already trained in {out_dir}; loading it")
+      model = ctx.new_model()
       checkpointing.load_params(out_dir, model)
     else:
       t = time.time()
+      model = _initial_teacher(ctx)
       if ctx.config.train.zero_init:
         train_lib.zero_init(model, ctx.config.train.zero_init)
-      data = ctx.batches(ctx.config.data.train_config, "train", batch_size=ctx.config.train.batch_size,
+      data = ctx.batches(dc.train_config, "train", batch_size=ctx.config.train.batch_size,
                          train=True, seed=ctx.config.seed)
       model, history = train_lib.train(ctx.config, ctx.workdir, model, data, name="teacher")
       loss = history[-1][1] if history else float("nan")
       minutes = (time.time() - t) / 60
       checkpointing.save_params(out_dir, model, {
-          "model": ctx.config.model.to_dict(), "tokenizer": "word:synthetic_vqa", "final_loss": loss,
-          "train": ctx.config.train.to_dict(), "train_minutes_this_run": minutes,
-          "data": f"synthetic_vqa/{ctx.config.data.train_config}"})
+          "model": ctx.config.model.to_dict(), "tokenizer": _tokenizer_path(ctx.config) or "word:synthetic_vqa",
+          "final_loss": loss, "train": ctx.config.train.to_dict(), "train_minutes_this_run": minutes,
+          "data": f"{dc.name}/{dc.train_config}", "init": tc.init if tc.format == "hf" else None})
       print(f"[teacher] trained in {minutes:.1f} min (this run), saved to {out_dir}")
+  elif tc.format == "hf":
+    t = time.time()
+    model = _initial_teacher(ctx)
+    print(f"[teacher] loaded the Hugging Face checkpoint {tc.init} ({time.time() - t:.1f} s)")
   else:
+    from sab_jax import sharding as sharding_lib
+    model = ctx.new_model(ctx.config.seed)
     meta = checkpointing.load_params(tc.init, model)
+    # On the mesh, as a Hugging Face or a freshly trained teacher is (FSDP may span processes).
+    model = sharding_lib.place(model, sharding_lib.make_mesh(dict(ctx.config.mesh)), ctx.config.logical_axis_rules)
     print(f"[teacher] loaded {tc.init} (trained on {meta.get('data')})")
   ctx.teacher = model
 
@@ -148,7 +211,7 @@ def stage_eval_fp(ctx: Context) -> None:
     print("[eval_fp] already in results.json; skipping")
     return
   t = time.time()
-  table = evaluate(ctx, ctx.teacher)
+  table = evaluate(ctx, ctx.teacher, "fp")
   nbytes = model_bytes(ctx.teacher)
   bits = 8 * nbytes / sum(x.size for x in jax.tree.leaves(nnx.state(ctx.teacher, nnx.Param)))
   ctx.results["methods"]["fp"] = {"accuracy": table["accuracy"], "per_type": table["per_type"],
@@ -168,9 +231,13 @@ def stage_calibrate(ctx: Context) -> None:
   image_id = ctx.model_cfg.image_token_id
   ids = np.concatenate([b["input_ids"] for b in ctx.calib_batches])
   real = np.concatenate([b["attention_mask"] for b in ctx.calib_batches]) > 0
-  ctx.results["calibration"] = {"samples": int(len(ids)), "image_tokens": int(((ids == image_id) & real).sum()),
-                                "text_tokens": int(((ids != image_id) & real).sum()),
-                                "split": f"synthetic_vqa/{ctx.config.data.config}:train"}
+  counts = np.array([len(ids), ((ids == image_id) & real).sum(), ((ids != image_id) & real).sum()])
+  if jax.process_count() > 1:  # each process drew its own calibration batches; the Hessians see them all
+    from jax.experimental import multihost_utils
+    counts = np.asarray(multihost_utils.process_allgather(counts)).sum(axis=0)
+  ctx.results["calibration"] = {"samples": int(counts[0]), "image_tokens": int(counts[1]),
+                                "text_tokens": int(counts[2]),
+                                "split": f"{ctx.config.data.name}/{ctx.config.data.config}:train"}
   print(f"[calibrate] {ctx.results['calibration']}")
 
 
@@ -326,7 +393,7 @@ def stage_eval(ctx: Context) -> None:
       t = time.time()
       model, _ = packed.from_export(os.path.join(ctx.workdir, entry["export_dir"]), ctx.new_model(),
                                     mode=ctx.config.eval.packed_mode)
-      table = evaluate(ctx, model)
+      table = evaluate(ctx, model, name)
       entry.update(accuracy=table["accuracy"], per_type=table["per_type"], count=table["count"],
                    device_bytes=packed.packed_bytes(model))
       ctx.save_results()

@@ -21,12 +21,18 @@ def get_config(arg=None):
   c.seed = 0
 
   c.data = ml_collections.ConfigDict()
+  # sab_jax.data.datasets: synthetic_vqa (generated on first use), vqav2, gqa (built from manual_dir).
+  c.data.name = "synthetic_vqa"
   # TFDS builder config evaluated on ('small' has the same test split as 'default').
   c.data.config = "small"
   # Builder config the teacher trains on.
   c.data.train_config = "default"
   # None: $TFDS_DATA_DIR or ~/tensorflow_datasets.
   c.data.data_dir = ml_collections.config_dict.placeholder(str)
+  # VQAv2/GQA downloads; if set, an unbuilt dataset is built from here in this run.
+  c.data.manual_dir = ml_collections.config_dict.placeholder(str)
+  # A Hugging Face tokenizer.json (or the checkpoint directory); None: the synthetic set's word tokenizer.
+  c.data.tokenizer = ml_collections.config_dict.placeholder(str)
   # Prompt = bos + 16 image tokens + question (<= 12 words): 29 tokens at most.
   c.data.max_prompt_len = 32
   # One-word answers + eos.
@@ -38,6 +44,11 @@ def get_config(arg=None):
   c.teacher = ml_collections.ConfigDict()
   # The shipped teacher (trained with `demo.py:retrain`; see experiments/benchmarks/RESULTS.md).
   c.teacher.init = os.path.join(_REPO, "experiments", "teacher", "demo")
+  # "orbax": a sab_jax parameters checkpoint (config.model describes it); "hf": a Hugging Face
+  # LLaVA directory (config.json + safetensors; its config.json describes the model).
+  c.teacher.format = "orbax"
+  # Storage dtype of the teacher's (and students') parameters.
+  c.teacher.param_dtype = "float32"
   # Train the teacher in this run instead of loading `init`.
   c.teacher.retrain = arg.retrain
 
@@ -60,8 +71,10 @@ def get_config(arg=None):
   c.eval = ml_collections.ConfigDict()
   c.eval.split = "test"
   c.eval.batch_size = 250
-  # <= 0: the whole split.
+  # The split's first N questions, however many processes share them (<= 0: the whole split).
   c.eval.max_examples = -1
+  # sab_jax.eval.vqa.METRICS; None: the dataset's standard one (exact match; VQAv2 soft accuracy).
+  c.eval.metric = ml_collections.config_dict.placeholder(str)
   # How exported models run (sab_jax.models.packed): "auto" (the packed kernel on GPU
   # where the layout allows, exact XLA dequantization otherwise), "dequant" or "kernel".
   c.eval.packed_mode = "auto"

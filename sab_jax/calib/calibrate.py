@@ -21,7 +21,7 @@ from flax import nnx
 from jax.sharding import Mesh
 from tqdm import tqdm
 
-from sab_jax import sharding as sharding_lib
+from sab_jax import distributed, sharding as sharding_lib
 from sab_jax.calib import hessian
 from sab_jax.models import llama
 from sab_jax.models.llava import Llava
@@ -115,8 +115,14 @@ def _binarize_one(model: Llava, path: str, acc: hessian.Accumulator, provider: P
   dense = _get(model, _split(path))
   w = dense.kernel[...]
   stats: LayerStats = acc.stats()
-  out = provider(w.astype(jnp.float32), stats)
-  dense.kernel[...] = jax.device_put(out.w_hat.astype(w.dtype), w.sharding)
+  if not w.is_fully_addressable:  # FSDP across processes: every process binarizes the whole layer alike
+    local = lambda a: jnp.asarray(distributed.host_value(a))
+    w_in = local(w)
+    stats = dataclasses.replace(stats, h_text=local(stats.h_text), h_vis=local(stats.h_vis))
+  else:
+    w_in = w
+  out = provider(w_in.astype(jnp.float32), stats)
+  dense.kernel[...] = sharding_lib.put(out.w_hat.astype(w.dtype), w.sharding)
   # The provider already measured tr(ΔᵀHΔ)/tr(WᵀHW) on these statistics.
   return LayerResult(out, (stats.n_text, stats.n_vis), out.error["output_rel"])
 

@@ -13,6 +13,7 @@ so every answer starts at column Lp and a batch needs no ragged shapes:
     answers         str     [B, A]      all reference answers (A = 1 synthetic, 10 VQAv2)
     question_type   int32   [B]         index into `question_types`
     example_id      int64   [B]         only when the source records have it
+    valid           int32   [B]         only with pad_shards: 0 on padding rows
 
 Records come from any random-access source (`tfds.data_source(...)[split]`,
 `builder.as_data_source()[split]`) with fields image, question, answer and optionally
@@ -113,6 +114,13 @@ class Preprocess:
     return out
 
 
+def _mark(valid: int):
+  """Sets a row's `valid` flag (0: padding that evaluation skips)."""
+  def mark(row):
+    return {**row, 'valid': np.int32(valid)}
+  return mark
+
+
 def make_dataset(
     source: Any,
     tokenizer: tokenizer_lib.Tokenizer,
@@ -132,6 +140,8 @@ def make_dataset(
     image_size: int | None = None,
     question_types: Sequence[str] = synthetic_vqa.QUESTION_TYPES,
     read_threads: int = 2,
+    max_records: int | None = None,
+    pad_shards: bool = False,
 ) -> grain.IterDataset:
   """Batches of one process's shard of a random-access VQA source.
 
@@ -156,6 +166,12 @@ def make_dataset(
     image_size: resize images to this square size if they differ (None: keep).
     question_types: names that string question types are indexed into.
     read_threads: threads preparing batches ahead of the consumer.
+    max_records: use only the source's first `max_records` records (before sharding, so
+      the subset does not depend on the number of processes).
+    pad_shards: with drop_remainder=False, pad every shard to the same number of full
+      batches with copies of its first record marked `valid` 0 (every batch has a `valid`
+      column): processes then run the same computations in step, as a model sharded
+      across processes needs.
 
   Returns:
     A `grain.IterDataset` of batch dicts (see module docstring); `iter()` it, and
@@ -166,12 +182,21 @@ def make_dataset(
   if not 0 <= shard_index < shard_count:
     raise ValueError(f'shard_index={shard_index} not in [0, shard_count={shard_count}).')
   ds = grain.MapDataset.source(source)
+  if max_records is not None:
+    ds = ds[:max_records]
+  total = len(ds)
   if drop_remainder:
     ds = ds[:len(ds) // shard_count * shard_count]
   ds = ds[shard_index::shard_count]
   if len(ds) == 0:
     raise ValueError(f'Shard {shard_index} of {shard_count} of a source of '
                      f'{len(source)} records is empty.')
+  if pad_shards and (drop_remainder or num_epochs != 1):
+    raise ValueError('pad_shards is for one pass of evaluation: it needs drop_remainder=False, num_epochs=1')
+  pad = 0
+  if pad_shards:
+    per_shard = -(-total // shard_count)
+    pad = -(-per_shard // batch_size) * batch_size - len(ds)
   if shuffle:
     ds = ds.shuffle(seed=seed)
   # After shuffle, so each epoch gets its own order.
@@ -180,6 +205,10 @@ def make_dataset(
       tokenizer, num_image_tokens=num_image_tokens, image_mean=image_mean,
       image_std=image_std, max_prompt_len=max_prompt_len, max_answer_len=max_answer_len,
       image_size=image_size, question_types=question_types))
+  if pad:
+    ds = grain.MapDataset.concatenate([ds.map(_mark(1)), ds[:1].repeat(pad).map(_mark(0))])
+  elif pad_shards:
+    ds = ds.map(_mark(1))
   ds = ds.batch(batch_size, drop_remainder=drop_remainder)
   return ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads,
                                               prefetch_buffer_size=2 * read_threads))

@@ -115,6 +115,9 @@ class HFTokenizer:
     path = os.fspath(path)
     directory = path if os.path.isdir(path) else os.path.dirname(path)
     file = os.path.join(path, 'tokenizer.json') if os.path.isdir(path) else path
+    if not os.path.isfile(file):
+      raise FileNotFoundError(f'{file} not found: point config.data.tokenizer at the checkpoint\'s tokenizer.json '
+                              f'(or the directory holding it)')
     self._tok = tokenizers.Tokenizer.from_file(file)
     # tokenizer_config.json wins over special_tokens_map.json (transformers' order).
     config = {**_read_json(os.path.join(directory, 'special_tokens_map.json')),

@@ -80,6 +80,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from sab_jax import distributed
 from sab_jax.export import packing
 from sab_jax.quant import providers as providers_lib
 from sab_jax.quant import rules
@@ -272,7 +273,9 @@ def export(model: nnx.Module, layers: Mapping[str, Any], method: str, provider: 
   if os.path.isdir(directory) and os.listdir(directory):
     if not overwrite:
       raise ValueError(f"{directory} is not empty; pass overwrite=True or choose another directory")
-    shutil.rmtree(directory)
+    if jax.process_index() == 0:  # with several processes: one deletes, all save, one writes the manifest
+      shutil.rmtree(directory)
+  distributed.barrier(f"export {directory}: cleared")
   spec = provider_spec(provider)
   dense = dict(rules.dense_layers(model))
   params = _params(model)
@@ -307,7 +310,7 @@ def export(model: nnx.Module, layers: Mapping[str, Any], method: str, provider: 
     if verify and _is_abstract(b.w_hat):
       raise ValueError(f"layer {path!r}: w_hat is abstract ({b.w_hat}), so verify=True has nothing to "
                        f"compare the decoded parts with; pass verify=False")
-    parts = {k: np.asarray(jax.device_get(v)) for k, v in b.parts.items()}
+    parts = {k: distributed.host_value(v) for k, v in b.parts.items()}
     compact = packing.compact_parts(parts)
     stored = packing.packed_parts(compact)
     if verify:
@@ -342,7 +345,7 @@ def export(model: nnx.Module, layers: Mapping[str, Any], method: str, provider: 
     v = params[p].get_value()
     if _is_abstract(v):
       raise ValueError(f"param {p!r} is abstract ({v}): only binarized kernels may be; give it a value")
-    a = np.asarray(jax.device_get(v))
+    a = distributed.host_value(v)
     param_specs[p] = {"shape": list(a.shape), "source_dtype": str(a.dtype)}
     if p in int8_set:
       axis = int8_axis(p, a.shape, dense_kernels)
@@ -391,10 +394,12 @@ def export(model: nnx.Module, layers: Mapping[str, Any], method: str, provider: 
       "int8_params": list(int8_params),
       "totals": totals,
   }
-  tmp = os.path.join(directory, MANIFEST + ".tmp")
-  with open(tmp, "w") as f:
-    json.dump(manifest, f, indent=1)
-  os.replace(tmp, os.path.join(directory, MANIFEST))
+  if jax.process_index() == 0:
+    tmp = os.path.join(directory, MANIFEST + ".tmp")
+    with open(tmp, "w") as f:
+      json.dump(manifest, f, indent=1)
+    os.replace(tmp, os.path.join(directory, MANIFEST))
+  distributed.barrier(f"export {directory}: written")
   return dict(totals, model_bytes=_dir_bytes(directory), directory=directory)
 
 

@@ -208,6 +208,15 @@ def _path_str(path: tuple[Any, ...]) -> str:
 
 
 # --- loading ----------------------------------------------------------------------
+def read_config(path: str) -> LlavaConfig:
+  """The model config of a local Hugging Face LLaVA checkpoint directory (its config.json)."""
+  cfg_path = os.path.join(path, "config.json")
+  if not os.path.exists(cfg_path):
+    raise FileNotFoundError(f"{cfg_path} not found: pass a local Hugging Face LLaVA checkpoint directory")
+  with open(cfg_path) as f:
+    return config_from_hf(json.load(f))
+
+
 def from_pretrained(path: str, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
                     mesh: Mesh | None = None, rules=sharding_lib.DEFAULT_RULES, dense=None) -> Llava:
   """Loads a local Hugging Face LLaVA checkpoint directory into the Flax model.
@@ -224,11 +233,7 @@ def from_pretrained(path: str, *, dtype: Any = jnp.float32, param_dtype: Any = j
   Raises:
     ValueError: missing, unexpected or mis-shaped tensors, all listed at once.
   """
-  cfg_path = os.path.join(path, "config.json")
-  if not os.path.exists(cfg_path):
-    raise FileNotFoundError(f"{cfg_path} not found: pass a local Hugging Face LLaVA checkpoint directory")
-  with open(cfg_path) as f:
-    cfg = config_from_hf(json.load(f))
+  cfg = read_config(path)
   kw = dict(dtype=dtype, param_dtype=param_dtype)
   if dense is not None:
     kw["dense"] = dense

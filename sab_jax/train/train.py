@@ -63,6 +63,9 @@ def make_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformati
   finite leaves the parameters unchanged (optax.apply_if_finite, at most 10 in a row)
   instead of stopping the run at the next log step.
   """
+  if not 0 <= cfg.warmup_steps < cfg.num_steps:
+    raise ValueError(f"warmup_steps={cfg.warmup_steps} must be in [0, num_steps={cfg.num_steps}): lower "
+                     f"config.train.warmup_steps (config.distill.train.warmup_steps when distilling)")
   schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, cfg.warmup_steps, cfg.num_steps,
                                                 end_value=cfg.lr * cfg.final_lr_fraction)
   tx = optax.chain(optax.clip_by_global_norm(cfg.grad_clip),

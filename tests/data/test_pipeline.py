@@ -137,6 +137,22 @@ def test_uneven_shards(tok):
   assert batch['answers'].tolist() == [['yes']] * 7  # answers defaults to [answer]
 
 
+def test_padded_evaluation_shards(tok):
+  """pad_shards: every process gets the same number of full batches; the rows marked valid
+  are exactly the first max_records records, each once."""
+  records = [dict(image=np.zeros((64, 64, 3), np.uint8), question='is there a red circle?',
+                  answer='yes', question_type='exist', example_id=i) for i in range(11)]
+  shards = [list(_dataset(records, tok, shard_index=i, shard_count=3, batch_size=2, shuffle=False,
+                          drop_remainder=False, max_records=9, pad_shards=True)) for i in range(3)]
+  assert [len(s) for s in shards] == [2, 2, 2]  # 3 records per shard -> 2 batches of 2 everywhere
+  assert all(len(b['valid']) == 2 for s in shards for b in s)
+  valid = [int(i) for s in shards for b in s for i, v in zip(b['example_id'], b['valid']) if v]
+  assert sorted(valid) == list(range(9))
+  assert sum(int(v) for s in shards for b in s for v in b['valid']) == 9
+  with pytest.raises(ValueError, match='pad_shards'):
+    _dataset(records, tok, pad_shards=True)  # drop_remainder=True: nothing to pad
+
+
 def test_hf_tokenizer_and_encoded_images(tmp_path):
   """The pipeline also takes an HFTokenizer, PNG-bytes images and resizing."""
   import tokenizers

@@ -1,11 +1,8 @@
 """Tests of the word-level and Hugging Face tokenizers and the prompt formats."""
 
-import json
-
 import pytest
-import tokenizers
-from tokenizers import models, pre_tokenizers
 
+from models.hf_fixture import LLAVA_PROMPT_WORDS, save_word_tokenizer
 from sab_jax.data import synthetic_vqa as sv
 from sab_jax.data import tokenizer as tok_lib
 
@@ -56,25 +53,8 @@ def test_word_prompt(word_tok):
   assert word_tok.decode(ids) == 'is there a red circle?'
 
 
-_LLAVA_WORDS = ('USER : Answer the question using a single word or phrase . ASSISTANT'
-                ).split()
-
-
 def _write_hf_tokenizer(directory, with_config=True):
-  """A WordLevel tokenizer.json (+ LLaVA-style configs) over the synthetic vocabulary."""
-  specials = ['<unk>', '<s>', '</s>', '<pad>']
-  words = list(dict.fromkeys(list(sv.VOCABULARY) + _LLAVA_WORDS))
-  vocab = {w: i for i, w in enumerate(specials + words)}
-  tok = tokenizers.Tokenizer(models.WordLevel(vocab, unk_token='<unk>'))
-  tok.pre_tokenizer = pre_tokenizers.Whitespace()
-  # As in real checkpoints: specials are added tokens, <image> one appended at the end.
-  tok.add_special_tokens(specials + ['<image>'])
-  tok.save(str(directory / 'tokenizer.json'))
-  if with_config:
-    (directory / 'tokenizer_config.json').write_text(json.dumps(
-        {'bos_token': '<s>', 'eos_token': '</s>', 'pad_token': '<pad>',
-         'unk_token': {'content': '<unk>'}, 'add_bos_token': True}))
-  return vocab
+  return save_word_tokenizer(directory, list(sv.VOCABULARY) + list(LLAVA_PROMPT_WORDS), with_config=with_config)
 
 
 def test_hf_tokenizer_specials_and_round_trip(tmp_path):
