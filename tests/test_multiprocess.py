@@ -256,11 +256,11 @@ def test_two_processes_train_one_model(tmp_path, tfds_dir):
 
 @pytest.mark.slow
 def test_two_processes_fsdp_pipeline_matches_one_process(tmp_path, tfds_dir):
-  """The shipped teacher FSDP-sharded over 2 processes (one CPU device each: fsdp=2), then calibrate, binarize, export and
-  evaluate: the teacher answers exactly as in one process, on 25 questions split 13/12
+  """The shipped teacher FSDP-sharded over 2 processes (one CPU device each: fsdp=2), then
+  calibrate, binarize, export, distil and evaluate: the teacher answers exactly as in one process, on 25 questions split 13/12
   (unequal shards; evaluation pads them so both processes run the same steps)."""
   args = [f"--config={DEMO}:smoke", "--config.stages=('data', 'teacher', 'eval_fp', 'calibrate', 'binarize', "
-          "'export', 'eval')", "--config.quant.methods=('sab',)", "--config.eval.batch_size=4",
+          "'export', 'distill', 'eval')", "--config.quant.methods=('sab',)", "--config.eval.batch_size=4",
           "--config.eval.max_examples=25", "--config.mesh.data=1", "--config.mesh.fsdp=-1"]
   env = _child_env(TFDS_DATA_DIR=str(tfds_dir))
   one = subprocess.run([sys.executable, "-m", "sab_jax.main", f"--workdir={tmp_path / 'one'}", *args], cwd=REPO,
@@ -280,7 +280,8 @@ def test_two_processes_fsdp_pipeline_matches_one_process(tmp_path, tfds_dir):
   assert results["two"]["methods"]["fp"]["accuracy"] == results["one"]["methods"]["fp"]["accuracy"]
   # Both processes drew calibration batches; the Hessians saw all of them.
   assert results["two"]["calibration"]["samples"] == 2 * results["one"]["calibration"]["samples"]
-  for bucket, name in (("methods", "sab"), ("variants", "sab_structured")):
+  assert results["two"]["methods"]["sab_kd"]["distilled_from"] == "sab"
+  for bucket, name in (("methods", "sab"), ("methods", "sab_kd"), ("variants", "sab_structured")):
     entry = results["two"][bucket][name]
     assert entry["count"] == 25 and 0 < entry["bits_per_weight"] < 3
     assert (tmp_path / "two" / entry["export_dir"] / "manifest.json").exists()

@@ -34,6 +34,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from sab_jax import distributed
+
 MODES = ("train", "eval")
 
 
@@ -161,6 +163,11 @@ class BinaryDense(nnx.Module):
   # --- export ---------------------------------------------------------------------------
   def to_parts(self) -> dict[str, np.ndarray]:
     """The provider's parts for the current weights (bf16 scales), for `export.export`."""
+    state = nnx.state(self)
+    if any(isinstance(x, jax.Array) and not x.is_fully_addressable for x in jax.tree.leaves(state)):
+      local = nnx.clone(self)  # sharded across processes (FSDP over hosts): gather, then as one process
+      nnx.update(local, jax.tree.map(lambda x: jnp.asarray(distributed.host_value(x)), state))
+      return local.to_parts()
     w = jnp.asarray(self.kernel[...], jnp.float32)
     s1 = jnp.where(w >= 0, 1.0, -1.0)
     bf = lambda a: np.asarray(jnp.asarray(a).astype(jnp.bfloat16))
