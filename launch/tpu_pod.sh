@@ -2,7 +2,7 @@
 # Runs the pipeline on every worker of a Cloud TPU VM pod slice, one process per host.
 #
 #   launch/tpu_pod.sh TPU_NAME ZONE PROJECT -- --config=experiments/configs/llava7b_pod.py \
-#       --workdir=/mnt/shared/llava7b --config.data.tokenizer=... --config.teacher.init=...
+#       --workdir=/mnt/shared/llava7b --config.teacher.init=/mnt/shared/llava-1.5-7b-hf
 #
 # 1. copies this checkout (tracked and untracked-but-not-ignored files) to REMOTE_DIR on
 #    every worker and installs it there (`pip install -e . jax[tpu]`); SKIP_SETUP=1 skips
