@@ -42,7 +42,7 @@ class Context:
       with open(self.results_path) as f:
         self.results = json.load(f)
     dc, tc = config.data, config.teacher
-    if not tc.init and not tc.retrain:
+    if not tc.init and (tc.format == "hf" or not tc.retrain):
       raise ValueError("config.teacher.init is not set: pass --config.teacher.init=DIR (a Hugging Face LLaVA "
                        "checkpoint directory with teacher.format 'hf', a sab_jax checkpoint with 'orbax')")
     self.dataset = datasets.get(dc.name)

@@ -259,14 +259,17 @@ def test_two_processes_fsdp_pipeline_matches_one_process(tmp_path, tfds_dir):
   """The shipped teacher FSDP-sharded over 2 processes (one CPU device each: fsdp=2), then
   calibrate, binarize, export, distil and evaluate: the teacher answers exactly as in one process, on 25 questions split 13/12
   (unequal shards; evaluation pads them so both processes run the same steps)."""
-  args = [f"--config={DEMO}:smoke", "--config.stages=('data', 'teacher', 'eval_fp', 'calibrate', 'binarize', "
-          "'export', 'distill', 'eval')", "--config.quant.methods=('sab',)", "--config.eval.batch_size=4",
+  args = [f"--config={DEMO}:smoke", "--config.quant.methods=('sab',)", "--config.eval.batch_size=4",
           "--config.eval.max_examples=25", "--config.mesh.data=1", "--config.mesh.fsdp=-1"]
   env = _child_env(TFDS_DATA_DIR=str(tfds_dir))
-  one = subprocess.run([sys.executable, "-m", "sab_jax.main", f"--workdir={tmp_path / 'one'}", *args], cwd=REPO,
+  # The reference: the teacher's answers from one process.
+  one = subprocess.run([sys.executable, "-m", "sab_jax.main", f"--workdir={tmp_path / 'one'}", *args,
+                        "--config.stages=('data', 'teacher', 'eval_fp', 'calibrate')"], cwd=REPO,
                        env=env, capture_output=True, text=True, timeout=600)
   assert one.returncode == 0, one.stderr[-3000:]
-  two = subprocess.run(["bash", os.path.join(LAUNCH, "local.sh"), f"--workdir={tmp_path / 'two'}", *args], cwd=REPO,
+  two = subprocess.run(["bash", os.path.join(LAUNCH, "local.sh"), f"--workdir={tmp_path / 'two'}", *args,
+                        "--config.stages=('data', 'teacher', 'eval_fp', 'calibrate', 'binarize', 'export', "
+                        "'distill', 'eval')"], cwd=REPO,
                        env=dict(env, NUM_PROCESSES="2", LOG_DIR=str(tmp_path / "logs")), capture_output=True,
                        text=True, timeout=600)
   logs = "".join((tmp_path / "logs" / f"process_{i}.log").read_text()[-2500:] for i in range(2))
