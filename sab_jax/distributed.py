@@ -105,7 +105,6 @@ def fail_fast(active: bool = True) -> Iterator[None]:
     os._exit(130 if isinstance(e, KeyboardInterrupt) else 1)
 
 
-
 # --- within a multi-process run ------------------------------------------------------------
 def barrier(name: str) -> None:
   """Waits until every process reaches `name` (no-op with one process): files one process
@@ -114,6 +113,12 @@ def barrier(name: str) -> None:
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices(name)
+
+
+def spanning_leaf(tree):
+  """A jax.Array leaf of `tree` with shards on other processes (FSDP over hosts), or None."""
+  import jax
+  return next((x for x in jax.tree.leaves(tree) if isinstance(x, jax.Array) and not x.is_fully_addressable), None)
 
 
 def host_value(x):

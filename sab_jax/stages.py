@@ -8,6 +8,7 @@ and resumes an interrupted training from its checkpoint.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -19,6 +20,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from sab_jax import distributed, sharding as sharding_lib
 from sab_jax.data import datasets, pipeline, synthetic_vqa
 from sab_jax.data import tokenizer as tokenizer_lib
 from sab_jax.eval import metrics, vqa
@@ -84,16 +86,18 @@ class Context:
     if builder_config not in self.builders:
       dc = self.config.data
       build = lambda: datasets.load(dc.name, builder_config, self.data_dir, dc.manual_dir)
-      if jax.process_count() > 1:  # process 0 prepares the files, the others then only read them
-        from jax.experimental import multihost_utils
-        if jax.process_index() == 0:
-          build()
-        multihost_utils.sync_global_devices(f"{dc.name}/{builder_config} built")
+      if jax.process_index() == 0:  # process 0 prepares the files, the others then only read them
+        build()
+      distributed.barrier(f"{dc.name}/{builder_config} built")
       self.builders[builder_config] = build()
     sources = self.builders[builder_config].as_data_source()
     if split not in sources:
       raise ValueError(f"{self.config.data.name}/{builder_config} has no split {split!r}; it has {sorted(sources)}")
     return sources[split]
+
+  @functools.cached_property
+  def mesh(self):
+    return sharding_lib.make_mesh(dict(self.config.mesh))
 
   @property
   def data_dir(self) -> str:
@@ -162,9 +166,7 @@ def _initial_teacher(ctx: Context) -> nnx.Module:
   tc = ctx.config.teacher
   if tc.format != "hf":
     return ctx.new_model(ctx.config.seed)
-  from sab_jax import sharding as sharding_lib
-  mesh = sharding_lib.make_mesh(dict(ctx.config.mesh))
-  return hf.from_pretrained(tc.init, param_dtype=ctx.param_dtype, mesh=mesh, rules=ctx.config.logical_axis_rules)
+  return hf.from_pretrained(tc.init, param_dtype=ctx.param_dtype, mesh=ctx.mesh, rules=ctx.config.logical_axis_rules)
 
 
 def stage_teacher(ctx: Context) -> None:
@@ -197,11 +199,10 @@ def stage_teacher(ctx: Context) -> None:
     model = _initial_teacher(ctx)
     print(f"[teacher] loaded the Hugging Face checkpoint {tc.init} ({time.time() - t:.1f} s)")
   else:
-    from sab_jax import sharding as sharding_lib
     model = ctx.new_model(ctx.config.seed)
     meta = checkpointing.load_params(tc.init, model)
     # On the mesh, as a Hugging Face or a freshly trained teacher is (FSDP may span processes).
-    model = sharding_lib.place(model, sharding_lib.make_mesh(dict(ctx.config.mesh)), ctx.config.logical_axis_rules)
+    model = sharding_lib.place(model, ctx.mesh, ctx.config.logical_axis_rules)
     print(f"[teacher] loaded {tc.init} (trained on {meta.get('data')})")
   ctx.teacher = model
 
@@ -284,12 +285,11 @@ def stage_binarize(ctx: Context) -> None:
   <=1.2-stored-bit structured SAB) in results["variants"]. The binarized models stay in
   memory for the `export` stage; accuracy comes later, from the export (`eval`).
   """
-  from sab_jax import sharding as sharding_lib
   from sab_jax.calib import calibrate
   from sab_jax.quant import providers, rules as rules_lib
 
   qc = ctx.config.quant
-  mesh = sharding_lib.make_mesh(dict(ctx.config.mesh))
+  mesh = ctx.mesh
   for name, method, options, bucket in _binarize_runs(qc):
     if not _pending(ctx, "binarize", name, bucket, "export_dir"):
       continue
@@ -341,7 +341,6 @@ def stage_export(ctx: Context) -> None:
 def stage_distill(ctx: Context) -> None:
   """Quantization-aware distillation of each `config.distill.sources` export into
   `<source>_kd`, written as a packed export (evaluated by `eval`)."""
-  import functools
   from sab_jax.export import checkpoint as export_lib
   from sab_jax.train import distill
 

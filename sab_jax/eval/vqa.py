@@ -16,7 +16,7 @@ import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from sab_jax import sharding as sharding_lib
+from sab_jax import distributed, sharding as sharding_lib
 from sab_jax.eval import metrics
 from sab_jax.models import decoding
 
@@ -34,8 +34,7 @@ def _transfers(model) -> tuple[Callable, Callable]:
   and each process reads back its own rows. Otherwise each process decodes its batches
   alone.
   """
-  leaves = [x for x in jax.tree.leaves(nnx.state(model)) if isinstance(x, jax.Array)]
-  spanning = next((x for x in leaves if not x.is_fully_addressable), None)
+  spanning = distributed.spanning_leaf(nnx.state(model))
   if spanning is None:
     return jnp.asarray, np.asarray
   mesh = spanning.sharding.mesh

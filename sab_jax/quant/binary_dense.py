@@ -164,7 +164,7 @@ class BinaryDense(nnx.Module):
   def to_parts(self) -> dict[str, np.ndarray]:
     """The provider's parts for the current weights (bf16 scales), for `export.export`."""
     state = nnx.state(self)
-    if any(isinstance(x, jax.Array) and not x.is_fully_addressable for x in jax.tree.leaves(state)):
+    if distributed.spanning_leaf(state) is not None:
       local = nnx.clone(self)  # sharded across processes (FSDP over hosts): gather, then as one process
       nnx.update(local, jax.tree.map(lambda x: jnp.asarray(distributed.host_value(x)), state))
       return local.to_parts()
