@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import sys
 import time
 from typing import Any, Callable
 
@@ -18,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import tensorflow_datasets as tfds
 from flax import nnx
 
 from sab_jax import distributed, sharding as sharding_lib
@@ -44,7 +46,7 @@ class Context:
       with open(self.results_path) as f:
         self.results = json.load(f)
     dc, tc = config.data, config.teacher
-    if not tc.init and (tc.format == "hf" or not tc.retrain):
+    if not tc.init and (tc.format == "hf" or not tc.retrain or tc.warm_start):
       raise ValueError("config.teacher.init is not set: pass --config.teacher.init=DIR (a Hugging Face LLaVA "
                        "checkpoint directory with teacher.format 'hf', a sab_jax checkpoint with 'orbax')")
     self.dataset = datasets.get(dc.name)
@@ -103,17 +105,31 @@ class Context:
   def data_dir(self) -> str:
     return os.path.expanduser(self.config.data.data_dir or os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets"))
 
+  def question_types(self, builder_config: str, split: str) -> np.ndarray:
+    """Every record's question type, read without decoding images (for curricula)."""
+    self.source(builder_config, split)
+    skip = self.builders[builder_config].as_data_source(decoders={"image": tfds.decode.SkipDecoding()})[split]
+    types = [r["question_type"] for start in range(0, len(skip), 8192)
+             for r in skip.__getitems__(range(start, min(start + 8192, len(skip))))]
+    return np.asarray([t.decode() if isinstance(t, bytes) else str(t) for t in types])
+
   def batches(self, builder_config: str, split: str, *, batch_size: int, train: bool, seed: int = 0,
-              max_records: int | None = None):
-    """Training batches (shuffled, endless) or one evaluation pass whose shards are padded
-    to equal length (every process then runs the same steps)."""
+              max_records: int | None = None, phases: Any = ()):
+    """Training batches (shuffled, endless; `phases`: a question-type curriculum, see
+    pipeline.make_dataset) or one evaluation pass whose shards are padded to equal length
+    (every process then runs the same steps)."""
     dc = self.config.data
+    if phases:
+      phases = [(int(n), dict(w)) for n, w in phases]
+      extra = dict(phases=phases, record_types=self.question_types(builder_config, split))
+    else:
+      extra = {}
     return pipeline.make_dataset(
         self.source(builder_config, split), self.tokenizer, num_image_tokens=self.model_cfg.num_image_tokens,
         image_mean=pipeline.CLIP_MEAN, image_std=pipeline.CLIP_STD, batch_size=batch_size,
         max_prompt_len=dc.max_prompt_len, max_answer_len=dc.max_answer_len, shuffle=train, seed=seed,
         num_epochs=None if train else 1, drop_remainder=train, image_size=self.model_cfg.vision.image_size,
-        question_types=self.dataset.question_types, max_records=max_records, pad_shards=not train)
+        question_types=self.dataset.question_types, max_records=max_records, pad_shards=not train, **extra)
 
 
 def model_bytes(model: nnx.Module) -> int:
@@ -162,10 +178,15 @@ def stage_data(ctx: Context) -> None:
 
 
 def _initial_teacher(ctx: Context) -> nnx.Module:
-  """A Hugging Face checkpoint (placed straight onto the mesh), else a randomly initialised model."""
+  """A Hugging Face checkpoint (placed straight onto the mesh); else the orbax `teacher.init`
+  with `teacher.warm_start` (parameters it lacks keep their random init); else a random init."""
   tc = ctx.config.teacher
   if tc.format != "hf":
-    return ctx.new_model(ctx.config.seed)
+    model = ctx.new_model(ctx.config.seed)
+    if tc.warm_start:
+      meta = checkpointing.load_params(tc.init, model, partial=True)
+      print(f"[teacher] warm start from {tc.init}; not in it (random init): {meta['not_in_checkpoint'] or 'none'}")
+    return model
   return hf.from_pretrained(tc.init, param_dtype=ctx.param_dtype, mesh=ctx.mesh, rules=ctx.config.logical_axis_rules)
 
 
@@ -185,14 +206,16 @@ def stage_teacher(ctx: Context) -> None:
       if ctx.config.train.zero_init:
         train_lib.zero_init(model, ctx.config.train.zero_init)
       data = ctx.batches(dc.train_config, "train", batch_size=ctx.config.train.batch_size,
-                         train=True, seed=ctx.config.seed)
+                         train=True, seed=ctx.config.seed, phases=ctx.config.train.phases)
       model, history = train_lib.train(ctx.config, ctx.workdir, model, data, name="teacher")
       loss = history[-1][1] if history else float("nan")
       minutes = (time.time() - t) / 60
       checkpointing.save_params(out_dir, model, {
+          "command": " ".join(["python -m sab_jax.main", *sys.argv[1:]]),
           "model": ctx.config.model.to_dict(), "tokenizer": _tokenizer_path(ctx.config) or "word:synthetic_vqa",
           "final_loss": loss, "train": ctx.config.train.to_dict(), "train_minutes_this_run": minutes,
-          "data": f"{dc.name}/{dc.train_config}", "init": tc.init if tc.format == "hf" else None})
+          "data": f"{dc.name}/{dc.train_config}",
+          "init": tc.init if tc.format == "hf" or tc.warm_start else None})
       print(f"[teacher] trained in {minutes:.1f} min (this run), saved to {out_dir}")
   elif tc.format == "hf":
     t = time.time()

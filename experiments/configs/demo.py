@@ -1,7 +1,10 @@
 """The embedded default workload: synthetic shapes VQA and the small LVLM trained on it.
 
-Variants (`demo.py:arg`): `smoke` (seconds; for tests), `retrain` (train the teacher
-here instead of loading the shipped one). Anything else: `--config.key=value`.
+Variants (`demo.py:arg`): `smoke` (seconds; for tests); `retrain` and `relations`, the
+two steps that trained the shipped teacher (RESULTS.md): `retrain` trains a teacher from
+scratch (without image coordinates; every type but spatial relations is learned),
+`relations` fine-tunes one (`teacher.init`, default the shipped step-1 checkpoint) with
+image coordinates and a relation curriculum. Anything else: `--config.key=value`.
 """
 
 import os
@@ -14,7 +17,7 @@ _REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__
 
 
 def get_config(arg=None):
-  arg = config_utils.parse_arg(arg, smoke=False, retrain=False)
+  arg = config_utils.parse_arg(arg, smoke=False, retrain=False, relations=False)
   c = ml_collections.ConfigDict()
   # Stages run in this order by `sab_jax.main`.
   c.stages = ("data", "teacher", "eval_fp", "calibrate", "binarize", "export", "distill", "eval")
@@ -42,7 +45,7 @@ def get_config(arg=None):
   c.model = ml_collections.ConfigDict({"variant": "demo", "vision": {}, "text": {}})
 
   c.teacher = ml_collections.ConfigDict()
-  # The shipped teacher (trained with `demo.py:retrain`; see experiments/benchmarks/RESULTS.md).
+  # The shipped teacher (`demo.py:retrain`, then `demo.py:relations`; experiments/benchmarks/RESULTS.md).
   c.teacher.init = os.path.join(_REPO, "experiments", "teacher", "demo")
   # "orbax": a sab_jax parameters checkpoint (config.model describes it); "hf": a Hugging Face
   # LLaVA directory (config.json + safetensors; its config.json describes the model).
@@ -50,7 +53,10 @@ def get_config(arg=None):
   # Storage dtype of the teacher's (and students') parameters.
   c.teacher.param_dtype = "float32"
   # Train the teacher in this run instead of loading `init`.
-  c.teacher.retrain = arg.retrain
+  c.teacher.retrain = arg.retrain or arg.relations
+  # Training starts from the orbax `init` (parameters it lacks keep their random init);
+  # a Hugging Face `init` is always the starting point.
+  c.teacher.warm_start = arg.relations
 
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = 128
@@ -67,6 +73,10 @@ def get_config(arg=None):
   c.train.log_every = 50
   c.train.checkpoint_every = 500
   c.train.keep_checkpoints = 2
+  # Question-type curriculum: ((num_steps, {question_type: weight}), ...); each batch mixes
+  # the named types (`*`: any record) in those proportions, the last phase runs to the end.
+  # Empty: the training split as it is.
+  c.train.phases = ()
 
   c.eval = ml_collections.ConfigDict()
   c.eval.split = "test"
@@ -125,6 +135,13 @@ def get_config(arg=None):
   # Mesh axes and sizes (-1: all remaining devices); rules map logical axes onto them.
   c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "model": 1})
   c.logical_axis_rules = sharding.DEFAULT_RULES
+
+  if arg.retrain:  # step 1 of the shipped teacher: every type but relations (no coordinates)
+    c.model.image_coordinates = False
+  if arg.relations:  # step 2: coordinates + relations first (with compare, which shares the yes/no circuit)
+    c.teacher.init = os.path.join(_REPO, "experiments", "teacher", "demo_step1")
+    c.train.update(num_steps=2500, lr=1e-3, warmup_steps=50, final_lr_fraction=0.1, phases=(
+        (700, {"relation": 0.75, "compare": 0.25}), (1800, {"*": 0.6, "relation": 0.3, "compare": 0.1})))
 
   if arg.smoke:
     c.data.config = c.data.train_config = "tiny"

@@ -26,7 +26,7 @@ resumes on exactly the batch it stopped at.
 from __future__ import annotations
 
 import io
-from typing import Any, Sequence, SupportsIndex
+from typing import Any, Mapping, Sequence, SupportsIndex
 
 import grain
 import jax
@@ -121,6 +121,38 @@ def _mark(valid: int):
   return mark
 
 
+def _curriculum(shard: grain.MapDataset, types: np.ndarray, shard_index: int, shard_count: int,
+                phases: Sequence[tuple[int, Mapping[str, float]]], batch_size: int,
+                seed: int | None) -> grain.MapDataset:
+  """One endless random-access stream of the shard's records: phase by phase, a weighted
+  mixture of per-question-type streams (each shuffled and repeated on its own)."""
+  types = types[:len(types) // shard_count * shard_count][shard_index::shard_count][:len(shard)]
+  streams: dict[str, grain.MapDataset] = {}
+
+  def stream(qtype: str) -> grain.MapDataset:
+    if qtype not in streams:
+      idx = np.arange(len(shard)) if qtype == '*' else np.flatnonzero(types == qtype)
+      if not len(idx):
+        raise ValueError(f'phases name question type {qtype!r}, which no record of this shard has; '
+                         f'types present: {sorted(set(types.tolist()))}')
+      ds = grain.MapDataset.range(len(idx)).map(lambda i, idx=idx: int(idx[i]))
+      ds = ds.shuffle(seed=seed + len(streams)) if seed is not None else ds
+      streams[qtype] = ds.repeat(None)
+    return streams[qtype]
+
+  parts = []
+  for i, (num_batches, weights) in enumerate(phases):
+    names = sorted(weights)
+    if any(weights[n] < 0 for n in names) or sum(weights[n] for n in names) <= 0:
+      raise ValueError(f'phase {i}: weights must be >= 0 with a positive sum, got {dict(weights)}')
+    names = [n for n in names if weights[n] > 0]
+    mixed = grain.MapDataset.mix([stream(n) for n in names], [weights[n] for n in names])
+    # The last phase has no end (2**40 records stands for that: grain concatenates only finite parts).
+    parts.append(mixed[:(2**40 if i == len(phases) - 1 else int(num_batches) * batch_size)])
+  order = parts[0] if len(parts) == 1 else grain.MapDataset.concatenate(parts)
+  return order.map(lambda i: shard[i])
+
+
 def make_dataset(
     source: Any,
     tokenizer: tokenizer_lib.Tokenizer,
@@ -142,6 +174,8 @@ def make_dataset(
     read_threads: int = 2,
     max_records: int | None = None,
     pad_shards: bool = False,
+    phases: Sequence[tuple[int, Mapping[str, float]]] = (),
+    record_types: Sequence[str] | None = None,
 ) -> grain.IterDataset:
   """Batches of one process's shard of a random-access VQA source.
 
@@ -172,6 +206,12 @@ def make_dataset(
       batches with copies of its first record marked `valid` 0 (every batch has a `valid`
       column): processes then run the same computations in step, as a model sharded
       across processes needs.
+    phases: a curriculum for endless training streams: `(num_batches, {question_type:
+      weight})` pairs, in order; each batch draws its records from the named types in
+      those proportions (`'*'`: any record), and the last phase runs on forever. Empty:
+      the shard as it is.
+    record_types: the question type of every record of `source` (needed with phases;
+      reading them without decoding images is the caller's business).
 
   Returns:
     A `grain.IterDataset` of batch dicts (see module docstring); `iter()` it, and
@@ -197,10 +237,16 @@ def make_dataset(
   if pad_shards:
     per_shard = -(-total // shard_count)
     pad = -(-per_shard // batch_size) * batch_size - len(ds)
-  if shuffle:
-    ds = ds.shuffle(seed=seed)
-  # After shuffle, so each epoch gets its own order.
-  ds = ds.repeat(num_epochs)
+  if phases:
+    if num_epochs is not None or record_types is None:
+      raise ValueError('phases are for endless training streams: they need num_epochs=None and record_types')
+    ds = _curriculum(ds, np.asarray(record_types)[:total], shard_index, shard_count, phases, batch_size,
+                     seed if shuffle else None)
+  else:
+    if shuffle:
+      ds = ds.shuffle(seed=seed)
+    # After shuffle, so each epoch gets its own order.
+    ds = ds.repeat(num_epochs)
   ds = ds.map(Preprocess(
       tokenizer, num_image_tokens=num_image_tokens, image_mean=image_mean,
       image_std=image_std, max_prompt_len=max_prompt_len, max_answer_len=max_answer_len,

@@ -30,6 +30,13 @@ class LlavaConfig:
   # 'default' drops the class token, 'full' keeps it.
   vision_feature_select_strategy: str = "default"
   multimodal_projector_bias: bool = True
+  # Not in LLaVA/transformers (off for HF checkpoints): add `row * e_r + col * e_c` (the
+  # patch's grid row and column scaled to [-1, 1], e_r, e_c learned) to the projected image
+  # features. Without ViT blocks, CLIP's position embedding is added before the pre-LayerNorm
+  # and drowned by the patch content, so the decoder cannot tell where an object is.
+  image_coordinates: bool = False
+  # Init std of e_r, e_c: large enough to be read next to features of norm ~20.
+  image_coordinate_std: float = 3.0
 
   def __post_init__(self):
     if self.vision_feature_select_strategy not in ("default", "full"):
@@ -72,7 +79,7 @@ VARIANTS: dict[str, LlavaConfig] = {
         text=llama.TextConfig(vocab_size=64, hidden_size=128, intermediate_size=384, num_hidden_layers=4,
                               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
                               initializer_range=1.0),
-        image_token_id=3, vision_feature_layer=-1),
+        image_token_id=3, vision_feature_layer=-1, image_coordinates=True),
     "test": LlavaConfig(
         vision=clip.VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                  num_attention_heads=4, image_size=32, patch_size=8),
@@ -124,6 +131,10 @@ class Llava(nnx.Module):
     else:
       self.lm_head = dense(cfg.text.hidden_size, cfg.text.vocab_size, use_bias=False, axes=("embed", "vocab"),
                            dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    if cfg.image_coordinates:
+      self.image_coordinate_embedding = layers.param(
+          rngs, nnx.initializers.normal(cfg.image_coordinate_std), (2, cfg.text.hidden_size), param_dtype,
+          (None, "embed"))
 
   # --- pieces ---------------------------------------------------------------
   def image_features(self, pixel_values: jax.Array) -> jax.Array:
@@ -134,7 +145,19 @@ class Llava(nnx.Module):
     feats = jnp.concatenate([hidden[i] for i in idx], axis=-1)
     if self.cfg.vision_feature_select_strategy == "default":
       feats = feats[:, 1:]
-    return self.multi_modal_projector(feats)
+    out = self.multi_modal_projector(feats)
+    if self.cfg.image_coordinates:
+      out = out + (self.patch_coordinates() @ self.image_coordinate_embedding[...]).astype(out.dtype)
+    return out
+
+  def patch_coordinates(self) -> jax.Array:
+    """`[num_image_tokens, 2]`: (row, col) of each image feature in [-1, 1]; (0, 0) for the class token."""
+    g = self.cfg.vision.image_size // self.cfg.vision.patch_size
+    ramp = jnp.linspace(-1.0, 1.0, g)
+    coords = jnp.stack([jnp.repeat(ramp, g), jnp.tile(ramp, g)], axis=-1)  # row-major, as patchify
+    if self.cfg.vision_feature_select_strategy == "full":
+      coords = jnp.concatenate([jnp.zeros((1, 2)), coords], axis=0)
+    return coords
 
   def embed(self, input_ids: jax.Array, pixel_values: jax.Array | None) -> jax.Array:
     """Token embeddings with image placeholders replaced by image features, in order."""

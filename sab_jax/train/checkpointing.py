@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import jax
 import orbax.checkpoint as ocp
-from flax import nnx
+from flax import nnx, traverse_util
 
 
 def manager(directory: str, *, save_every: int, keep: int) -> ocp.CheckpointManager:
@@ -75,8 +75,12 @@ def save_params(path: str, model: nnx.Module, meta: dict[str, Any]) -> None:
       json.dump(meta, f, indent=1, sort_keys=True)
 
 
-def load_params(path: str, model: nnx.Module) -> dict[str, Any]:
-  """Restores a `save_params` checkpoint into `model` (shapes must agree); returns its meta."""
+def load_params(path: str, model: nnx.Module, *, partial: bool = False) -> dict[str, Any]:
+  """Restores a `save_params` checkpoint into `model` (shapes must agree); returns its meta.
+
+  With `partial`, parameters the checkpoint lacks keep their current values (a warm start
+  of a model that has grown parameters); their paths are in `meta["not_in_checkpoint"]`.
+  """
   path = os.path.abspath(path)
   if not os.path.exists(os.path.join(path, "meta.json")):
     raise FileNotFoundError(f"{path} is not a parameters checkpoint (no meta.json): train one with "
@@ -84,10 +88,36 @@ def load_params(path: str, model: nnx.Module) -> dict[str, Any]:
   with open(os.path.join(path, "meta.json")) as f:
     meta = json.load(f)
   target = nnx.state(model, nnx.Param)
-  try:
-    restored = ocp.StandardCheckpointer().restore(os.path.join(path, "params"), target)
-  except ValueError as e:
-    raise ValueError(f"{path} does not match the model built from the config ({e}); check config.model "
-                     f"against {os.path.join(path, 'meta.json')}") from e
+  missing: list[str] = []
+  if partial:  # read what is stored, then copy it over the model's own values
+    restored = _restore_present(os.path.join(path, "params"), target, missing)
+  else:
+    try:
+      restored = ocp.StandardCheckpointer().restore(os.path.join(path, "params"), target)
+    except ValueError as e:
+      raise ValueError(f"{path} does not match the model built from the config ({e}); check config.model "
+                       f"against {os.path.join(path, 'meta.json')}") from e
   nnx.update(model, restored)
-  return meta
+  return {**meta, "not_in_checkpoint": missing} if partial else meta
+
+
+def _restore_present(path: str, target: nnx.State, missing: list[str]) -> nnx.State:
+  """`target` with every parameter the checkpoint at `path` holds replaced by the stored
+  value (shapes must agree); names of the others are appended to `missing`."""
+  stored = {".".join(map(str, k[:-1] if k[-1] == "value" else k)): v for k, v in
+            traverse_util.flatten_dict(ocp.StandardCheckpointer().restore(path)).items()}
+  flat = traverse_util.flatten_dict(nnx.to_pure_dict(target))
+  unused = set(stored) - {".".join(map(str, k)) for k in flat}
+  if unused:
+    raise ValueError(f"{path} holds parameters the model lacks: {sorted(unused)}; check config.model")
+  for key, value in flat.items():
+    name = ".".join(map(str, key))
+    if name not in stored:
+      missing.append(name)
+    elif tuple(stored[name].shape) != tuple(value.shape):
+      raise ValueError(f"{path}: {name} is stored with shape {tuple(stored[name].shape)}, the model has "
+                       f"{tuple(value.shape)}; check config.model")
+    else:
+      flat[key] = jax.numpy.asarray(stored[name], value.dtype)
+  nnx.replace_by_pure_dict(target, traverse_util.unflatten_dict(flat))
+  return target

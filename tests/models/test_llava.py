@@ -128,3 +128,25 @@ def test_variants_build_abstractly_at_7b_scale():
   n = sum(v.size for v in jax.tree.leaves(nnx.state(model, nnx.Param)))
   assert 7.0e9 < n < 7.2e9  # LLaVA-1.5-7B: 6.74B Vicuna + 0.30B CLIP-L/14 + 21M projector
   assert model.cfg.num_image_tokens == 576
+
+
+def test_image_coordinates_follow_the_patches_they_are_added_to():
+  """With the projector zeroed, image feature k is row_k * e_r + col_k * e_c for the patch
+  patchify puts at k: a test image whose patch (r, c) holds the value 10r + c tells."""
+  cfg = llava.config_from_dict({"variant": "demo"})
+  assert cfg.image_coordinates and not llava.VARIANTS["llava-1.5-7b"].image_coordinates
+  model = llava.Llava(cfg, rngs=nnx.Rngs(0))
+  for lin in (model.multi_modal_projector.linear_1, model.multi_modal_projector.linear_2):
+    lin.kernel[...] = jnp.zeros_like(lin.kernel[...])
+    lin.bias[...] = jnp.zeros_like(lin.bias[...])
+  e = np.zeros((2, cfg.text.hidden_size), np.float32)
+  e[0, 0] = e[1, 1] = 1.0
+  model.image_coordinate_embedding[...] = jnp.asarray(e)
+  g, p = cfg.vision.image_size // cfg.vision.patch_size, cfg.vision.patch_size
+  img = np.kron(10 * np.arange(g)[:, None] + np.arange(g)[None], np.ones((p, p)))[None, ..., None].repeat(3, -1)
+  patch_value = np.asarray(model.vision_tower.patchify(jnp.asarray(img, jnp.float32)))[0, :, 0]
+  feats = np.asarray(model.image_features(jnp.asarray(img, jnp.float32)))[0]
+  ramp = np.linspace(-1, 1, g)
+  np.testing.assert_allclose(feats[:, 0], ramp[(patch_value // 10).astype(int)], atol=1e-6)
+  np.testing.assert_allclose(feats[:, 1], ramp[(patch_value % 10).astype(int)], atol=1e-6)
+  assert np.abs(feats[:, 2:]).max() == 0

@@ -117,3 +117,31 @@ def test_nonfinite_loss_stops_with_the_step(tmp_path, source):
   cfg.train.lr = float("nan")
   with pytest.raises(FloatingPointError, match="step 1"):
     train.train(cfg, str(tmp_path), _model(), _data(source), name="t")
+
+
+def test_warm_start_keeps_stored_params_and_inits_new_ones(tmp_path):
+  """A checkpoint of the model without image coordinates warm-starts the model with them:
+  every stored parameter is copied, the coordinate embedding keeps its init; a checkpoint
+  with parameters the model lacks, or other shapes, is refused."""
+  small = llava.Llava(llava.config_from_dict({"variant": "demo", "image_coordinates": False}), rngs=nnx.Rngs(1))
+  checkpointing.save_params(str(tmp_path / "small"), small, {"note": "test"})
+  grown = llava.Llava(llava.config_from_dict({"variant": "demo"}), rngs=nnx.Rngs(2))
+  init = np.asarray(grown.image_coordinate_embedding[...])
+  meta = checkpointing.load_params(str(tmp_path / "small"), grown, partial=True)
+  assert meta["not_in_checkpoint"] == ["image_coordinate_embedding"] and meta["note"] == "test"
+  np.testing.assert_array_equal(np.asarray(grown.image_coordinate_embedding[...]), init)
+  s, g = nnx.state(small, nnx.Param), nnx.state(grown, nnx.Param)
+  for path, leaf in jax.tree_util.tree_leaves_with_path(s):
+    np.testing.assert_array_equal(np.asarray(leaf), np.asarray(jax.tree_util.tree_reduce(
+        lambda a, b: b, [x for p, x in jax.tree_util.tree_leaves_with_path(g) if p == path])))
+  with pytest.raises(ValueError):  # strict loading still refuses the missing parameter
+    checkpointing.load_params(str(tmp_path / "small"), _fresh(image_coordinates=True))
+  checkpointing.save_params(str(tmp_path / "grown"), grown, {})
+  with pytest.raises(ValueError, match="image_coordinate_embedding"):
+    checkpointing.load_params(str(tmp_path / "grown"), _fresh(image_coordinates=False), partial=True)
+  with pytest.raises(ValueError, match="shape"):
+    checkpointing.load_params(str(tmp_path / "small"), _fresh(text={"intermediate_size": 256}), partial=True)
+
+
+def _fresh(**fields):
+  return llava.Llava(llava.config_from_dict({"variant": "demo", **fields}), rngs=nnx.Rngs(3))
