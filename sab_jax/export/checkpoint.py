@@ -319,12 +319,13 @@ def export(model: nnx.Module, layers: Mapping[str, Any], method: str, provider: 
       w = provider.dequantize({k: jnp.asarray(v) for k, v in decoded.items()}, shape[0])
       if not np.array_equal(np.asarray(w), np.asarray(b.w_hat)):
         raise RuntimeError(f"layer {path!r}: the stored parts do not rebuild w_hat exactly")
-    sparse = set(packing.sparse_parts(parts))
+    sparse, positions = set(packing.sparse_parts(parts)), set(packing.as_positions(parts))
     nbytes = sum(v.nbytes for v in stored.values())
     n = int(np.prod(shape))
     part_specs = {
         k: {"dtype": str(parts[k].dtype), "shape": list(parts[k].shape),
-            "layout": "sparse" if k in sparse else "dense", "compact_shape": list(compact[k].shape),
+            "layout": "positions" if k in positions else "sparse" if k in sparse else "dense",
+            "compact_shape": list(compact[k].shape),
             "stored_dtype": str(stored[k].dtype), "stored_shape": list(stored[k].shape),
             "packed": stored[k].dtype == np.uint32}
         for k in parts}

@@ -145,15 +145,19 @@ class _OneDense(nnx.Module):
     self.proj = layers.Dense(n_in, n_out, rngs=nnx.Rngs(0))
 
 
-@pytest.mark.parametrize("case", list(CASES))
+# PB-LLM at 0.5% salient weights: its mask is written as a 16-bit position list.
+CASES_256 = {**CASES, "pbllm_matched": providers.PbLlm(salient_fraction=0.005)}
+
+
+@pytest.mark.parametrize("case", list(CASES_256))
 def test_bits_from_bytes_match_the_formula_on_a_256_layer(case, tmp_path):
   n = 256
   model = _OneDense(n, n)
   r = np.random.default_rng(1)
   x = (r.normal(size=(512, n)) * r.lognormal(0, 1, n)).astype(np.float32)
   h = jnp.asarray(2 / len(x) * x.T @ x)
-  b = CASES[case](model.proj.kernel[...], providers.LayerStats(h, h, len(x), len(x)))
-  out = checkpoint.export(model, {"proj": b}, case, CASES[case], str(tmp_path / "e"))
+  b = CASES_256[case](model.proj.kernel[...], providers.LayerStats(h, h, len(x), len(x)))
+  out = checkpoint.export(model, {"proj": b}, case, CASES_256[case], str(tmp_path / "e"))
   # The bytes counted are those of the arrays orbax holds for the layer.
   with ocp.StandardCheckpointer() as ckpt:
     state = ckpt.restore(str(tmp_path / "e" / checkpoint.STATE))

@@ -135,3 +135,25 @@ def test_sparse_layout_refuses_what_it_cannot_rebuild():
   compact["residual_signs"] = compact["residual_signs"][:-1]
   with pytest.raises(ValueError, match="selection marks"):
     packing.expand_parts(compact, {k: v.shape for k, v in parts.items()})
+
+
+@pytest.mark.parametrize("shape, dtype", [((128, 384), np.uint16), ((300, 300), np.int32)])
+def test_sparse_salient_mask_is_stored_as_positions(shape, dtype):
+  """At 0.5% salient weights PB-LLM's mask costs 16 (or 32) bits per salient weight as a
+  position list instead of 1 bit per weight as a plane, and decodes to the same mask."""
+  r = np.random.default_rng(4)
+  mask = r.random(shape) < 0.005
+  parts = {"salient_mask": mask, "int_values": np.where(mask, r.integers(-127, 128, shape), 0).astype(np.int8),
+           "signs": (r.random(shape) < 0.5) & ~mask}
+  assert packing.as_positions(parts) == ["salient_mask"]
+  stored = packing.encode_parts(parts)
+  assert stored["salient_mask"].dtype == dtype and stored["salient_mask"].shape == (mask.sum(),)
+  assert stored["salient_mask"].nbytes * 8 <= mask.sum() * 32 and 4 * 8 * stored["salient_mask"].nbytes < mask.size
+  compact_shapes = {k: v.shape for k, v in packing.compact_parts(parts).items()}
+  back = packing.decode_parts(stored, compact_shapes, {k: v.shape for k, v in parts.items()})
+  for k, v in parts.items():
+    np.testing.assert_array_equal(back[k], v)
+    assert back[k].dtype == v.dtype
+  bad = dict(stored, salient_mask=stored["salient_mask"][::-1].copy())  # unsorted: a damaged file
+  with pytest.raises(ValueError, match="sorted list"):
+    packing.decode_parts(bad, compact_shapes, {k: v.shape for k, v in parts.items()})
