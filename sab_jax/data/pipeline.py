@@ -121,12 +121,12 @@ def _mark(valid: int):
   return mark
 
 
-def _curriculum(shard: grain.MapDataset, types: np.ndarray, shard_index: int, shard_count: int,
+def _curriculum(shard: grain.MapDataset, types: np.ndarray,
                 phases: Sequence[tuple[int, Mapping[str, float]]], batch_size: int,
                 seed: int | None) -> grain.MapDataset:
   """One endless random-access stream of the shard's records: phase by phase, a weighted
-  mixture of per-question-type streams (each shuffled and repeated on its own)."""
-  types = types[:len(types) // shard_count * shard_count][shard_index::shard_count][:len(shard)]
+  mixture of per-question-type streams (each shuffled and repeated on its own).
+  `types[i]` is the question type of `shard[i]`."""
   streams: dict[str, grain.MapDataset] = {}
 
   def stream(qtype: str) -> grain.MapDataset:
@@ -222,12 +222,16 @@ def make_dataset(
   if not 0 <= shard_index < shard_count:
     raise ValueError(f'shard_index={shard_index} not in [0, shard_count={shard_count}).')
   ds = grain.MapDataset.source(source)
+  types = None if record_types is None else np.asarray(record_types)  # sliced as `ds` is: one per record
+  if types is not None and len(types) != len(ds):
+    raise ValueError(f'record_types has {len(types)} entries for a source of {len(ds)} records')
   if max_records is not None:
-    ds = ds[:max_records]
+    ds, types = ds[:max_records], None if types is None else types[:max_records]
   total = len(ds)
   if drop_remainder:
-    ds = ds[:len(ds) // shard_count * shard_count]
-  ds = ds[shard_index::shard_count]
+    keep = len(ds) // shard_count * shard_count
+    ds, types = ds[:keep], None if types is None else types[:keep]
+  ds, types = ds[shard_index::shard_count], None if types is None else types[shard_index::shard_count]
   if len(ds) == 0:
     raise ValueError(f'Shard {shard_index} of {shard_count} of a source of '
                      f'{len(source)} records is empty.')
@@ -238,10 +242,9 @@ def make_dataset(
     per_shard = -(-total // shard_count)
     pad = -(-per_shard // batch_size) * batch_size - len(ds)
   if phases:
-    if num_epochs is not None or record_types is None:
+    if num_epochs is not None or types is None:
       raise ValueError('phases are for endless training streams: they need num_epochs=None and record_types')
-    ds = _curriculum(ds, np.asarray(record_types)[:total], shard_index, shard_count, phases, batch_size,
-                     seed if shuffle else None)
+    ds = _curriculum(ds, types, phases, batch_size, seed if shuffle else None)
   else:
     if shuffle:
       ds = ds.shuffle(seed=seed)

@@ -90,7 +90,7 @@ def load_params(path: str, model: nnx.Module, *, partial: bool = False) -> dict[
   target = nnx.state(model, nnx.Param)
   missing: list[str] = []
   if partial:  # read what is stored, then copy it over the model's own values
-    restored = _restore_present(os.path.join(path, "params"), target, missing)
+    restored, missing = _restore_present(os.path.join(path, "params"), target)
   else:
     try:
       restored = ocp.StandardCheckpointer().restore(os.path.join(path, "params"), target)
@@ -101,12 +101,13 @@ def load_params(path: str, model: nnx.Module, *, partial: bool = False) -> dict[
   return {**meta, "not_in_checkpoint": missing} if partial else meta
 
 
-def _restore_present(path: str, target: nnx.State, missing: list[str]) -> nnx.State:
+def _restore_present(path: str, target: nnx.State) -> tuple[nnx.State, list[str]]:
   """`target` with every parameter the checkpoint at `path` holds replaced by the stored
-  value (shapes must agree); names of the others are appended to `missing`."""
+  value (shapes must agree), and the names of the parameters it does not hold."""
   stored = {".".join(map(str, k[:-1] if k[-1] == "value" else k)): v for k, v in
             traverse_util.flatten_dict(ocp.StandardCheckpointer().restore(path)).items()}
   flat = traverse_util.flatten_dict(nnx.to_pure_dict(target))
+  missing = []
   unused = set(stored) - {".".join(map(str, k)) for k in flat}
   if unused:
     raise ValueError(f"{path} holds parameters the model lacks: {sorted(unused)}; check config.model")
@@ -120,4 +121,4 @@ def _restore_present(path: str, target: nnx.State, missing: list[str]) -> nnx.St
     else:
       flat[key] = jax.numpy.asarray(stored[name], value.dtype)
   nnx.replace_by_pure_dict(target, traverse_util.unflatten_dict(flat))
-  return target
+  return target, missing

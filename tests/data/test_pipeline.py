@@ -218,3 +218,18 @@ def test_curriculum_errors(sources, tok):
     _dataset(src, tok, num_epochs=1, phases=[(1, {'*': 1.0})], record_types=types)
   with pytest.raises(ValueError, match='positive sum'):
     _dataset(src, tok, num_epochs=None, phases=[(1, {'count': 0.0})], record_types=types)
+  with pytest.raises(ValueError, match='record_types has'):
+    _dataset(src, tok, num_epochs=None, phases=[(1, {'*': 1.0})], record_types=types[1:])
+
+
+def test_curriculum_draws_the_named_type_in_every_shard(sources, tok):
+  """The types stay aligned with the records after max_records and shard slicing."""
+  src = sources['train']
+  types = _types(src)
+  for index in range(3):
+    ds = _dataset(src, tok, num_epochs=None, phases=[(2, {'count': 1.0})], record_types=types,
+                  shard_index=index, shard_count=3, max_records=len(src) - 5)
+    it = iter(ds)
+    for b in (next(it), next(it)):
+      ids = [int(i) for i in b['example_id']]
+      assert all(types[i] == 'count' for i in ids) and all(i % 3 == index for i in ids)
