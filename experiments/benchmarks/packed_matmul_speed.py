@@ -12,11 +12,17 @@ Rows of the table:
   xla_trivial_op  `x * 2`: what one XLA launch costs inside the timing loop
   kernel_sab_s    the whole structured-SAB layer as served (`models.packed.apply_planes`: the
                   sign plane with two row-scale sets + the gathered residual plane + glue)
+  *_fused         the same layer through `kernels.packed_layer` (one launch for all planes,
+                  K splits summed by XLA); *_fused_atomic: K splits added atomically
 
 Every JAX row is amortised over many calls inside one jit (a fori_loop whose input depends
 on the previous sum, so nothing is hoisted), cycling through enough weight copies that they
 do not sit in L2 (≥ 4× the 50 MB of an H100's L2); the figure is the median over repeats of
-(wall time / calls). Correctness is checked first on the device (kernel vs float32 reference).
+(wall time / calls). Inside such a loop every XLA launch costs several µs (the
+`xla_trivial_op` row), so each row is also timed as **device time**: the summed duration
+of the GPU kernels one call launches, read from a `jax.profiler` trace (CUPTI), for the
+cuBLAS row too; the JSON keeps the per-kernel breakdown (`*_kernels`). Correctness is
+checked first on the device (kernels vs float32 references).
 Needs only jax/numpy (and torch for the cuBLAS row): runs on the GPU machine as is.
 """
 
@@ -27,9 +33,12 @@ import os
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # leave room for torch
 
 import argparse
+import collections
+import glob
 import json
 import platform
 import statistics
+import tempfile
 import time
 import traceback
 
@@ -38,7 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sab_jax.export import packing
-from sab_jax.kernels import packed_matmul
+from sab_jax.kernels import packed_layer, packed_matmul
 from sab_jax.models import packed
 from sab_jax.quant import providers
 
@@ -82,6 +91,40 @@ def amortised_us(fn, copies, x, *, calls_target, repeats):
   return 1e6 * statistics.median(times)
 
 
+def _kernel_events(trace_dir):
+  """(name, duration ns) of every GPU kernel in a `jax.profiler.trace` directory."""
+  files = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)
+  events = []
+  for path in files:
+    for plane in jax.profiler.ProfileData.from_file(path).planes:
+      if not plane.name.startswith("/device:GPU"):
+        continue
+      lines = [ln for ln in plane.lines if ln.name.startswith("Stream")] or list(plane.lines)
+      events += [(e.name, e.duration_ns) for ln in lines for e in ln.events
+                 if "memcpy" not in e.name.lower() and "memset" not in e.name.lower()]
+  return events
+
+
+def _per_call(events, calls):
+  """(µs of kernel time per call, {kernel: µs per call}) from the events of `calls` calls."""
+  by_name = collections.defaultdict(float)
+  for name, ns in events:
+    by_name[name[:80]] += ns / 1e3 / calls
+  return sum(by_name.values()), dict(sorted(by_name.items(), key=lambda t: -t[1]))
+
+
+def device_us(fn, copies, x, *, iters):
+  """GPU kernel time per `fn(copy, x)` call (profiler trace), or (None, {}) without a GPU plane."""
+  run = jax.jit(lambda copies, x: [fn(c, x) for c in copies])
+  jax.block_until_ready(run(copies, x))
+  with tempfile.TemporaryDirectory() as d:
+    with jax.profiler.trace(d):
+      for _ in range(iters):
+        jax.block_until_ready(run(copies, x))
+    events = _kernel_events(d)
+  return _per_call(events, iters * len(copies)) if events else (None, {})
+
+
 MAX_COPIES = [64]
 
 
@@ -95,9 +138,9 @@ def cublas_us(m, k, n, *, calls_target, repeats):
     import torch
     import torch.nn.functional as F
   except ImportError:
-    return None
+    return None, (None, {})
   if not torch.cuda.is_available():
-    return None
+    return None, (None, {})
   ws = [torch.randn(n, k, dtype=torch.bfloat16, device="cuda") for _ in range(n_copies(2 * k * n))]
   x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
   rounds = max(1, calls_target // len(ws))
@@ -114,9 +157,63 @@ def cublas_us(m, k, n, *, calls_target, repeats):
     end.record()
     torch.cuda.synchronize()
     times.append(start.elapsed_time(end) * 1e3 / (rounds * len(ws)))
+  device = (None, {})
+  try:  # the same kernels under the profiler (CUPTI sees the whole process)
+    with tempfile.TemporaryDirectory() as d:
+      with jax.profiler.trace(d):
+        for w in ws:
+          F.linear(x, w)
+        torch.cuda.synchronize()
+      events = _kernel_events(d)
+    device = _per_call(events, len(ws)) if events else device
+  except Exception:  # noqa: BLE001 (the event timing above stands)
+    traceback.print_exc()
   del ws
   torch.cuda.empty_cache()
-  return statistics.median(times)
+  return statistics.median(times), device
+
+
+ROWS = ("cublas_bf16", "xla_trivial_op", "xla_bf16", "xla_unpack", "kernel_xnor", "kernel_xnor_fused",
+        "kernel_xnor_fused_atomic", "kernel_sab_s", "kernel_sab_s_fused", "kernel_sab_s_fused_atomic")
+
+
+def print_row(entry):
+  """One line per timed row: amortised µs, device µs, speed-up over cuBLAS (device time if known)."""
+  base = entry.get("cublas_bf16_device") or entry.get("cublas_bf16") or entry.get("xla_bf16")
+  print(f"{entry['M']:>3}x{entry['K']}x{entry['N']}:")
+  for name in ROWS:
+    wall, dev = entry.get(name), entry.get(name + "_device")
+    if not isinstance(wall, float):
+      if wall is not None:
+        print(f"  {name:28s} {wall}")
+      continue
+    ref = dev if isinstance(dev, float) else wall
+    dev_s = f"{dev:8.2f}" if isinstance(dev, float) else "       -"
+    print(f"  {name:28s} amortised {wall:8.2f} us  device {dev_s} us  ({base / ref:5.2f}x)", flush=True)
+
+
+def sweep(layers, n_copies_, x, n, kd, *, iters):
+  """Device time of the fused kernel's tilings on the structured-SAB layer."""
+  out = {}
+  planes = [{kk: np.asarray(v[...]) for kk, v in p.items()} for p in layers["kernel_sab_s"].planes]
+  sizes = [s.group_size for s in layers["kernel_sab_s"].specs]
+  for bn in (32, 64, 128):
+    for splits in (4, 8, 16):
+      layout, arr = packed_layer.prepare(planes, sizes, n, block_n=bn, k_splits=splits)
+      arr = [{kk: jnp.asarray(v) for kk, v in a.items()} for a in arr]
+      cs = [jax.tree.map(lambda a: jnp.array(a, copy=True), arr) for _ in range(n_copies_)]
+      for nw in (2, 4, 8):
+        for reduce in packed_layer.REDUCE:
+          name = f"sab_fused/{bn}x{splits}/w{nw}/{reduce}"
+          fn = lambda a, x, layout=layout, nw=nw, reduce=reduce: packed_layer.layer_matmul(
+              x, a, layout, dtype=kd, num_warps=nw, reduce=reduce)
+          try:
+            out[name] = device_us(fn, cs, x, iters=max(2, iters // 2))[0]
+          except Exception as e:  # a tiling Triton rejects: record and go on
+            out[name] = f"failed: {type(e).__name__}: {str(e)[:200]}"
+  ok = sorted(((v, k) for k, v in out.items() if isinstance(v, float)))
+  print("  sweep (device us): " + ", ".join(f"{k} {v:.2f}" for v, k in ok[:8]), flush=True)
+  return out
 
 
 def main():
@@ -126,7 +223,8 @@ def main():
   ap.add_argument("--calls", type=int, default=400, help="calls per timed jit")
   ap.add_argument("--repeats", type=int, default=15)
   ap.add_argument("--quick", action="store_true", help="tiny shapes, few calls (CPU smoke test)")
-  ap.add_argument("--no_sweep", action="store_true", help="skip the tiling sweep")
+  ap.add_argument("--sweep", action="store_true", help="also sweep the plane kernel's tilings (M = 1)")
+  ap.add_argument("--device_iters", type=int, default=10, help="traced calls per row for device time")
   args = ap.parse_args()
   on_gpu = jax.default_backend() == "gpu"
   interpret = not on_gpu
@@ -149,97 +247,75 @@ def main():
     parts = structured_parts(rng, k, n)
     xnor = providers.METHODS["xnor"]()
     xparts = {"signs": signs, "alpha_out": np.asarray(col[0, 0]).astype(jnp.bfloat16)}
-    xlayer = packed.PackedDense(xnor, xparts, k, n, bias=None, dtype=jnp.float32, mode="kernel", kernel_dtype=kd)
-    layer = packed.PackedDense(sab, parts, k, n, bias=None, dtype=jnp.float32, mode="kernel", kernel_dtype=kd)
+    layers = {  # row name -> the layer as the packed model serves it
+        "kernel_xnor": (xnor, xparts, "per_plane"), "kernel_sab_s": (sab, parts, "per_plane"),
+        "kernel_xnor_fused": (xnor, xparts, "fused"), "kernel_sab_s_fused": (sab, parts, "fused")}
+    layers = {name: packed.PackedDense(prov, pa, k, n, bias=None, dtype=jnp.float32, mode="kernel", kernel_dtype=kd,
+                                       kernel=kern) for name, (prov, pa, kern) in layers.items()}
     auto_mode = packed.PackedDense(sab, parts, k, n, bias=None, dtype=jnp.float32, mode="auto").mode
     dq = packed.PackedDense(sab, parts, k, n, bias=None, dtype=jnp.float32, mode="dequant")
-    specs, xspecs = layer.specs, xlayer.specs
-    planes = [{kk: v[...] for kk, v in p.items()} for p in layer.planes]
-    xplanes = [{kk: v[...] for kk, v in p.items()} for p in xlayer.planes]
-    sab_bytes = sum(int(v.nbytes) for p in planes for v in p.values())
-    xnor_bytes = sum(int(v.nbytes) for p in xplanes for v in p.values())
+    arrays = {name: [{kk: v[...] for kk, v in p.items()} for p in layer.planes] for name, layer in layers.items()}
+    nbytes = {name: sum(int(v.nbytes) for p in a for v in p.values()) for name, a in arrays.items()}
 
-    # correctness on this device
-    x = jnp.asarray(rng.standard_normal((16, k)).astype(np.float32))
-    xk = x.astype(kd)
-    try:
-      ref = packed_matmul.plane_matmul_reference(xk.astype(jnp.float32)[None], bits, col, group_size=k)
-      for vec, rows_ in ((False, 16), (True, 1)):
-        y = packed.apply_planes(xk[:rows_], xspecs, xplanes, n, kernel_dtype=kd, interpret=interpret, vector=vec)
-        checks[f"xnor {k}x{n} M={rows_} rel err"] = float(jnp.abs(y - ref[:rows_]).max() / jnp.abs(ref[:rows_]).max())
-      yd = dq(xk.astype(jnp.float32))
-      for rows_ in (16, 1):
-        ys = layer(x[:rows_])
-        checks[f"sab_structured {k}x{n} M={rows_} rel err vs dequant"] = float(
-            jnp.abs(ys - yd[:rows_]).max() / jnp.abs(yd[:rows_]).max())
-    except Exception as e:  # keep the baselines even if the kernel does not lower here
-      traceback.print_exc()
-      checks[f"kernel {k}x{n}"] = f"failed: {type(e).__name__}: {str(e)[:500]}"
-      specs = None
+    def served(name, **kw):
+      """fn(arrays, x) of a layer row (kw: the fused kernel's reduce / vector)."""
+      layer = layers[name]
+      if layer.kernel == "fused":
+        return lambda a, x: packed_layer.layer_matmul(x, a, layer.layout, interpret=interpret, dtype=kd, **kw)
+      return lambda a, x: packed.apply_planes(x, layer.specs, a, n, kernel_dtype=kd, interpret=interpret, **kw)
+
+    rows_fns = {name: (served(name), name) for name in layers}
+    rows_fns["kernel_sab_s_fused_atomic"] = (served("kernel_sab_s_fused", reduce="atomic"), "kernel_sab_s_fused")
+    rows_fns["kernel_xnor_fused_atomic"] = (served("kernel_xnor_fused", reduce="atomic"), "kernel_xnor_fused")
+
+    # correctness on this device: XNOR rows against the float32 unpack-in-XLA reference, SAB
+    # rows against the exactly dequantized layer; a row that fails is dropped, the rest go on
+    x16 = jnp.asarray(rng.standard_normal((16, k)).astype(np.float32)).astype(kd)
+    ref_x = packed_matmul.plane_matmul_reference(x16.astype(jnp.float32)[None], bits, col, group_size=k)
+    ref_s = dq(x16.astype(jnp.float32))
+    for name, (fn, arr) in list(rows_fns.items()):
+      ref = ref_x if "xnor" in name else ref_s
+      try:
+        for m_ in (16, 1):
+          y = fn(arrays[arr], x16[:m_])
+          checks[f"{name} {k}x{n} M={m_} rel err"] = float(jnp.abs(y - ref[:m_]).max() / jnp.abs(ref[:m_]).max())
+      except Exception as e:  # keep the other rows if one kernel does not compile here
+        traceback.print_exc()
+        checks[f"{name} {k}x{n}"] = f"failed: {type(e).__name__}: {str(e)[:500]}"
+        del rows_fns[name]
     checks["mode='auto' picks"] = auto_mode
-    print("checks:", checks, flush=True)
+    print("checks:", json.dumps(checks, indent=1), flush=True)
 
     # Copies live at different addresses (that is all L2 sees); their values may repeat.
     w0 = jnp.asarray(rng.standard_normal((k, n)).astype(np.float32) * 0.02).astype(kd)
     wb = [jnp.array(w0, copy=True) for _ in range(n_copies(2 * k * n))]
     cb = [(jnp.array(bits, copy=True), col) for _ in range(n_copies(k * n // 8))]
-    dup = lambda tree, nbytes: [jax.tree.map(lambda a: jnp.array(a, copy=True), tree) for _ in range(n_copies(nbytes))]
-    copies = dup(planes, sab_bytes) if specs else None
-    xcopies = dup(xplanes, xnor_bytes) if specs else None
+    dup = lambda tree, nb: [jax.tree.map(lambda a: jnp.array(a, copy=True), tree) for _ in range(n_copies(nb))]
+    copies = {name: dup(a, nbytes[name]) for name, a in arrays.items()}
     for m in batches:
       x = jnp.asarray(rng.standard_normal((m, k)).astype(np.float32)).astype(kd)
       entry = {"K": k, "N": n, "M": m}
-      entry["cublas_bf16"] = cublas_us(m, k, n, calls_target=calls, repeats=repeats) if on_gpu else None
-      # one trivial XLA op per call: the per-launch cost every row above pays inside the loop
-      entry["xla_trivial_op"] = amortised_us(lambda w, x: x * 2, wb, x, calls_target=calls, repeats=repeats)
-      entry["xla_bf16"] = amortised_us(lambda w, x: jnp.dot(x, w), wb, x, calls_target=calls, repeats=repeats)
-      entry["xla_unpack"] = amortised_us(
-          lambda c, x: packed_matmul.plane_matmul_reference(x[None], c[0], c[1], group_size=k), cb, x,
-          calls_target=calls, repeats=repeats)
-      if specs:
-        entry["kernel_xnor"] = amortised_us(
-            lambda c, x: packed.apply_planes(x, xspecs, c, n, kernel_dtype=kd, interpret=interpret), xcopies, x,
-            calls_target=calls, repeats=repeats)
-      if on_gpu and specs and not args.no_sweep:
-        sweep = {}
-        tilings = ((64, 4), (64, 8), (128, 4), (128, 8), (256, 8)) if m == 1 else ((64, 8), (128, 8))
-        for vec in ((False, True) if m <= 4 else (False,)):
-          for bn2, ks2 in tilings:
-            for nw in (4, 8):
-              name = f"{'vec' if vec else 'dot'}/{bn2}x{ks2}/w{nw}"
-              try:
-                sweep[name] = amortised_us(
-                    lambda c, x, bn2=bn2, ks2=ks2, vec=vec, nw=nw: packed_matmul.plane_matmul(
-                        x[None], c[0], c[1], group_size=k, chunk=128, block_n=bn2, k_splits=ks2, vector=vec,
-                        num_warps=nw), cb, x, calls_target=calls // 2, repeats=max(3, repeats // 3))
-              except Exception as e:  # a configuration Triton rejects: record and go on
-                sweep[name] = f"failed: {type(e).__name__}: {str(e)[:200]}"
-        ok = {kk: v for kk, v in sweep.items() if isinstance(v, float)}
-        entry["kernel_xnor_sweep"] = sweep
-        if ok:
-          best = min(ok, key=ok.get)
-          entry["kernel_xnor_best"], entry["kernel_xnor_best_config"] = ok[best], best
-          print(f"  sweep {m}x{k}x{n}: " + ", ".join(f"{kk} {v:.1f}" for kk, v in sorted(ok.items(), key=lambda t: t[1])[:6]),
-                flush=True)
-      if specs:
-        entry["kernel_sab_s"] = amortised_us(
-            lambda c, x: packed.apply_planes(x, specs, c, n, kernel_dtype=kd, interpret=interpret), copies, x,
-            calls_target=calls, repeats=repeats)
-        if m <= 4:
-          entry["kernel_sab_s_dot"] = amortised_us(
-              lambda c, x: packed.apply_planes(x, specs, c, n, kernel_dtype=kd, interpret=interpret, vector=False),
-              copies, x, calls_target=calls, repeats=repeats)
-        entry["sab_s_bytes"] = sab_bytes
-      entry["bf16_bytes"] = 2 * k * n
-      entry["bits_bytes"] = k * n // 8
-      entry["xnor_bytes"] = xnor_bytes
+      timed = {  # row -> (fn(copy, x), copies)
+          "xla_trivial_op": (lambda w, x: x * 2, wb),  # what one more XLA launch costs in the loop
+          "xla_bf16": (lambda w, x: jnp.dot(x, w), wb),
+          "xla_unpack": (lambda c, x: packed_matmul.plane_matmul_reference(x[None], c[0], c[1], group_size=k), cb)}
+      timed.update({name: (fn, copies[arr]) for name, (fn, arr) in rows_fns.items()})
+      if on_gpu:
+        entry["cublas_bf16"], (entry["cublas_bf16_device"], entry["cublas_bf16_kernels"]) = cublas_us(
+            m, k, n, calls_target=calls, repeats=repeats)
+      for name, (fn, cs) in timed.items():
+        try:
+          entry[name] = amortised_us(fn, cs, x, calls_target=calls, repeats=repeats)
+          if on_gpu:
+            entry[name + "_device"], entry[name + "_kernels"] = device_us(fn, cs, x, iters=args.device_iters)
+        except Exception as e:  # noqa: BLE001 (record and go on: the other rows still count)
+          traceback.print_exc()
+          entry[name] = f"failed: {type(e).__name__}: {str(e)[:300]}"
+      if on_gpu and args.sweep and m == 1:
+        entry["sweep"] = sweep(layers, len(copies["kernel_sab_s_fused"]), x, n, kd, iters=args.device_iters)
+      entry.update(bf16_bytes=2 * k * n, bits_bytes=k * n // 8, **{f"{name}_bytes": b for name, b in nbytes.items()})
       rows.append(entry)
-      base = entry["cublas_bf16"] or entry["xla_bf16"]
-      print(f"{m:>3}x{k}x{n}: " + ", ".join(
-          f"{name} {entry[name]:.1f} us ({base / entry[name]:.2f}x)" for name in
-          ("cublas_bf16", "xla_trivial_op", "xla_bf16", "xla_unpack", "kernel_xnor", "kernel_xnor_best", "kernel_sab_s",
-           "kernel_sab_s_dot")
-          if isinstance(entry.get(name), float)), flush=True)
+      print_row(entry)
 
   out = {"device": device, "backend": jax.default_backend(), "jax": jax.__version__, "host": platform.node(),
          "checks": checks, "rows": rows, "calls_per_jit": calls, "repeats": repeats}

@@ -13,6 +13,11 @@ bits as uint32 words, bf16 scales, ...), never a float kernel. Two ways to apply
     to rounding, not bitwise.
   "auto" takes the kernel on GPU when the layout supports it, dequant otherwise.
 
+Two kernels serve "kernel" mode: "per_plane" (`kernels.packed_matmul`: one launch per
+plane, scaling, permutation and reduction in XLA; measured on an H200, RESULTS.md) and
+"fused" (`kernels.packed_layer`: the whole layer in one launch, its layout prepared at
+load time). "per_plane" stays the default until "fused" has been timed on a GPU.
+
 `from_export` builds the model from an export directory (`export.checkpoint.read`).
 The packed model is single-device: it is for evaluation and decode, not training.
 """
@@ -29,9 +34,10 @@ import numpy as np
 from flax import nnx
 
 from sab_jax.export import packing
-from sab_jax.kernels import packed_matmul
+from sab_jax.kernels import packed_layer, packed_matmul
 
 MODES = ("auto", "dequant", "kernel")
+KERNELS = ("per_plane", "fused")
 
 
 class Packed(nnx.Variable):
@@ -84,7 +90,7 @@ def kernel_supports(provider: Any) -> bool:
   return name == "xnor" or (name in ("sab", "arb_rc") and getattr(provider, "structured", False))
 
 
-def planes_for(provider: Any, parts: Mapping[str, np.ndarray], n_in: int
+def planes_for(provider: Any, parts: Mapping[str, np.ndarray], n_in: int, *, one_lhs: bool = False
                ) -> list[tuple[PlaneSpec, dict[str, np.ndarray]]] | None:
   """The plane decomposition of a layer, or None when the kernel does not cover it.
 
@@ -94,6 +100,11 @@ def planes_for(provider: Any, parts: Mapping[str, np.ndarray], n_in: int
     salient rows: α_in0 · B1 · α_out[g, 0] + α_in1 · B2 · α_out[g, 1]
   = plane B1 with two LHS (α_in0 on rest rows → α_out2, on salient rows → α_out0) plus
   plane B2 over the salient rows only (gathered, 41 of 512 by default) → α_out1.
+
+  `one_lhs`: every plane with a single row-scale set, which unpacks each sign once per
+  product instead of twice over the K rows: plane B1 (α_in0 on all rows) → α_out2, plane
+  B1 over the salient rows (α_in0) → α_out0 - α_out2, plane B2 as above. 1.25·K rows
+  instead of 2.125·K, for 11% more bits (the salient rows' B1 twice).
   """
   if not kernel_supports(provider):
     return None
@@ -109,9 +120,12 @@ def planes_for(provider: Any, parts: Mapping[str, np.ndarray], n_in: int
   starts = range(0, n_in, group)
   all_rows = [np.arange(s, min(s + group, n_in)) for s in starts]
   sal_rows = [r[sal[r]] for r in all_rows]
-  p1 = _plane(np.asarray(parts["signs"]), all_rows, [a_in[:, 0] * ~sal, a_in[:, 0] * sal],
-              [a_out[:, 2], a_out[:, 0]], n_in)
-  p2 = _plane(np.asarray(parts["residual_signs"]), sal_rows, [a_in[:, 1]], [a_out[:, 1]], n_in)
+  signs, residual = np.asarray(parts["signs"]), np.asarray(parts["residual_signs"])
+  p2 = _plane(residual, sal_rows, [a_in[:, 1]], [a_out[:, 1]], n_in)
+  if one_lhs:
+    return [_plane(signs, all_rows, [a_in[:, 0]], [a_out[:, 2]], n_in),
+            _plane(signs, sal_rows, [a_in[:, 0]], [a_out[:, 0] - a_out[:, 2]], n_in), p2]
+  p1 = _plane(signs, all_rows, [a_in[:, 0] * ~sal, a_in[:, 0] * sal], [a_out[:, 2], a_out[:, 0]], n_in)
   return [p1, p2]
 
 
@@ -138,12 +152,14 @@ class PackedDense(nnx.Module):
 
   def __init__(self, provider: Any, parts: Mapping[str, np.ndarray], n_in: int, n_out: int, *,
                bias: np.ndarray | None, dtype: Any, mode: str = "auto", kernel_dtype: Any = None,
-               interpret: bool | None = None):
+               interpret: bool | None = None, kernel: str = "per_plane"):
     if mode not in MODES:
       raise ValueError(f"mode {mode!r} not in {MODES}")
+    if kernel not in KERNELS:
+      raise ValueError(f"kernel {kernel!r} not in {KERNELS}")
     self.provider, self.in_features, self.out_features, self.dtype = provider, n_in, n_out, dtype
     on_gpu = jax.default_backend() == "gpu"
-    planes = planes_for(provider, parts, n_in) if mode != "dequant" else None
+    planes = planes_for(provider, parts, n_in, one_lhs=kernel == "fused") if mode != "dequant" else None
     if mode == "kernel" and planes is None:
       raise ValueError(f"the packed kernel does not cover {provider!r} (XNOR and structured SAB/ARB-RC "
                        f"only); use mode='dequant' or 'auto'")
@@ -151,9 +167,13 @@ class PackedDense(nnx.Module):
     self.interpret = (not on_gpu) if interpret is None else interpret
     self.kernel_dtype = kernel_dtype or (jnp.bfloat16 if on_gpu else jnp.float32)
     self.bias = Packed(jnp.asarray(bias)) if bias is not None else None
+    self.kernel = kernel
     if self.mode == "kernel":
       self.specs = tuple(s for s, _ in planes)
-      self.planes = nnx.List([nnx.Dict({k: Packed(jnp.asarray(v)) for k, v in a.items()}) for _, a in planes])
+      arrays = [a for _, a in planes]
+      if kernel == "fused":
+        self.layout, arrays = packed_layer.prepare(arrays, [s.group_size for s in self.specs], n_out)
+      self.planes = nnx.List([nnx.Dict({k: Packed(jnp.asarray(v)) for k, v in a.items()}) for a in arrays])
     else:
       stored = packing.packed_parts(parts)
       self.part_shapes = {k: tuple(np.shape(v)) for k, v in parts.items()}
@@ -173,8 +193,12 @@ class PackedDense(nnx.Module):
     else:
       lead = x.shape[:-1]
       arrays = [{k: v[...] for k, v in p.items()} for p in self.planes]
-      y = apply_planes(x.reshape(-1, x.shape[-1]), self.specs, arrays, self.out_features,
-                       kernel_dtype=self.kernel_dtype, interpret=self.interpret)
+      if self.kernel == "fused":
+        y = packed_layer.layer_matmul(x.reshape(-1, x.shape[-1]), arrays, self.layout, interpret=self.interpret,
+                                      dtype=self.kernel_dtype)
+      else:
+        y = apply_planes(x.reshape(-1, x.shape[-1]), self.specs, arrays, self.out_features,
+                         kernel_dtype=self.kernel_dtype, interpret=self.interpret)
       y = y.astype(self.dtype).reshape(lead + (self.out_features,))
     if self.bias is not None:
       y = y + self.bias[...].astype(self.dtype)
@@ -203,7 +227,7 @@ def replace_layer(model: nnx.Module, path: str, new: nnx.Module) -> None:
 
 
 def from_export(directory: str, model_template: nnx.Module, *, mode: str = "auto",
-                kernel_dtype: Any = None) -> tuple[nnx.Module, dict[str, Any]]:
+                kernel_dtype: Any = None, kernel: str = "per_plane") -> tuple[nnx.Module, dict[str, Any]]:
   """The packed inference model of an export; returns (model, manifest).
 
   `model_template` gives the structure and dtypes (build it from the manifest's
@@ -223,7 +247,7 @@ def from_export(directory: str, model_template: nnx.Module, *, mode: str = "auto
     n_in, n_out = dense.in_features, dense.out_features
     bias = None if dense.bias is None else np.asarray(dense.bias[...])
     replace_layer(model, path, PackedDense(provider, parts, n_in, n_out, bias=bias, dtype=dense.dtype,
-                                           mode=mode, kernel_dtype=kernel_dtype))
+                                           mode=mode, kernel_dtype=kernel_dtype, kernel=kernel))
   return model, manifest
 
 

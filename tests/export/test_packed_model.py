@@ -64,6 +64,9 @@ def test_export_predictions_equal_in_memory_on_the_whole_test_split(tmp_path):
       fast, _ = packed.from_export(directory, ctx.new_model(), mode="kernel")
       _, got_fast = _predictions(ctx, fast, max_examples=250)
       assert got_fast == ref[:250], name
+      fused, _ = packed.from_export(directory, ctx.new_model(), mode="kernel", kernel="fused")
+      _, got_fused = _predictions(ctx, fused, max_examples=250)
+      assert got_fused == ref[:250], name
 
 
 def _stats(rng, n_in):
@@ -94,12 +97,15 @@ def test_packed_dense_matches_the_dequantized_kernel(name, n_in, n_out):
     with pytest.raises(ValueError, match="does not cover"):
       packed.PackedDense(provider, parts, n_in, n_out, bias=None, dtype=jnp.float32, mode="kernel")
     return
+  for kernel in packed.KERNELS:
+    fast = packed.PackedDense(provider, parts, n_in, n_out, bias=bias, dtype=jnp.float32, mode="kernel",
+                              kernel=kernel)
+    assert fast.mode == "kernel"
+    y = np.asarray(fast(x))  # 6 rows: the dot variant
+    assert np.abs(y - np.asarray(ref)).max() <= 1e-5 * np.abs(np.asarray(ref)).max(), kernel
+    y2 = np.asarray(fast(x[:1, :2]))  # 2 rows: the multiply-add variant
+    assert np.abs(y2 - np.asarray(ref[:1, :2])).max() <= 1e-5 * np.abs(np.asarray(ref)).max(), kernel
   fast = packed.PackedDense(provider, parts, n_in, n_out, bias=bias, dtype=jnp.float32, mode="kernel")
-  assert fast.mode == "kernel"
-  y = np.asarray(fast(x))  # 6 rows: the dot variant
-  assert np.abs(y - np.asarray(ref)).max() <= 1e-5 * np.abs(np.asarray(ref)).max()
-  y2 = np.asarray(fast(x[:1, :2]))  # 2 rows: the multiply-add variant
-  assert np.abs(y2 - np.asarray(ref[:1, :2])).max() <= 1e-5 * np.abs(np.asarray(ref)).max()
   # the bits read by the kernel: ~1 bit per weight for XNOR, + the gathered residual rows for SAB
   bits = sum(int(p["bits"][...].size) * 32 for p in fast.planes)
   assert bits >= n_in * n_out
