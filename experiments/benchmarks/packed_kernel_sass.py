@@ -12,7 +12,8 @@ the warp instructions one call issues (straight-line code once per program, loop
 times their trips), and an **issue bound**: the time an H200 (132 SMs,
 4 schedulers each, 1.98 GHz) needs just to issue them. It is a lower bound on the kernel's
 time, not a measurement: memory stalls, latency and tails come on top (GPU timings:
-`packed_matmul_speed.py`).
+`packed_matmul_speed.py`). For the int8-activation (popcount) kernel the POPC pipe (16
+per clock per SM) is the tighter bound and is reported too.
 
 Caveats: the `triton` package's compiler is not the one XLA bundles on the GPU machine
 (versions differ); the XLA glue around the kernels (gathers, sums) is not counted.
@@ -42,6 +43,9 @@ from sab_jax.models import packed
 from sab_jax.quant import providers
 
 H200_WARP_ISSUE_PER_S = 132 * 4 * 1.98e9
+# POPC results per second: 16 per clock per SM on compute capability 9.0 (CUDA C++
+# Programming Guide, arithmetic instruction throughput table)
+H200_POPC_PER_S = 132 * 16 * 1.98e9
 
 
 def triton_ir(fn, *args) -> str:
@@ -90,16 +94,20 @@ def compile_sass(ttir: str, num_warps: int, num_stages: int = 3) -> str:
     return subprocess.run([nvdisasm, "-c", cubin], check=True, capture_output=True, text=True).stdout
 
 
-def loops(sass: str) -> list[int]:
-  """Instruction counts of each loop body (label .. backward branch), in code order."""
+def _instructions(lines: list[str]) -> list[str]:
+  return [ln for ln in lines if re.match(r"^\s+/\*[0-9a-f]+\*/", ln)]
+
+
+def loops(sass: str) -> list[tuple[int, int]]:
+  """(instructions, POPC instructions) of each loop body (label .. backward branch), in code order."""
   lines = sass.splitlines()
   label_at = {m.group(1): i for i, ln in enumerate(lines) if (m := re.match(r"^(\.L_x_\d+):", ln))}
   out = []
   for i, ln in enumerate(lines):
     m = re.search(r"BRA `?\(?(\.L_x_\d+)\)?", ln)
     if m and m.group(1) in label_at and label_at[m.group(1)] < i - 1:  # not the trap `BRA` to itself
-      body = lines[label_at[m.group(1)]:i + 1]
-      out.append(sum(1 for b in body if re.match(r"^\s+/\*[0-9a-f]+\*/", b)))
+      body = _instructions(lines[label_at[m.group(1)]:i + 1])
+      out.append((len(body), sum("POPC" in b for b in body)))
   return out
 
 
@@ -138,33 +146,43 @@ def main():
         fa = [{kk: jnp.asarray(v) for kk, v in a.items()} for a in fa]
         variants["fused"] = (functools.partial(packed_layer.layer_matmul, layout=layout), (x, fa), layout.block_n,
                              layout.k_splits, [(p.chunks_per_split, p.chunk, p.n_lhs) for p in layout.planes])
+        if m <= packed_matmul.VECTOR_MAX_ROWS:  # with the column tile PackedDense(activations="int8") uses
+          layout8, fa8 = packed_layer.prepare([a for _, a in planes], [s.group_size for s, _ in planes], n,
+                                              block_n=packed_layer.INT8_BLOCK_N)
+          fa8 = [{kk: jnp.asarray(v) for kk, v in a.items()} for a in fa8]
+          variants["fused_int8"] = (functools.partial(packed_layer.layer_matmul, layout=layout8, activations="int8"),
+                                    (x, fa8), layout8.block_n, layout8.k_splits,
+                                    [(p.chunks_per_split, p.chunk, p.n_lhs) for p in layout8.planes])
         for vname, (fn, fargs, bn, splits, trips) in variants.items():
           warps = 4
           sass = compile_sass(triton_ir(fn, *fargs), warps)
           bodies = loops(sass)
           programs = -(-n // bn) * splits
           # loops with one trip are unrolled by the compiler: pair the loop bodies found with
-          # the planes that loop (a small undercount: the unrolled plane is left out)
+          # the planes that loop
           looping = [t for t in trips if t[0] > 1]
-          detail = [dict(body=b, trips=t, chunk=c, n_lhs=l, instr_per_weight_lhs=b * warps * 32 / (c * bn * l))
-                    for b, (t, c, l) in zip(bodies, looping)]
-          # dynamic count per warp: straight-line code (prologue, unrolled planes, epilogue) once,
-          # each loop body `trips` times
-          total = sum(1 for ln in sass.splitlines() if re.match(r"^\s+/\*[0-9a-f]+\*/", ln))
-          per_warp = total + sum(d["body"] * (d["trips"] - 1) for d in detail)
+          detail = [dict(body=b, popc=pc, trips=t, chunk=c, n_lhs=l, instr_per_weight_lhs=b * warps * 32 / (c * bn * l))
+                    for (b, pc), (t, c, l) in zip(bodies, looping)]
+          # dynamic count per warp: straight-line code (prologue, unrolled planes, epilogue)
+          # once, each loop body `trips` times
+          instr = _instructions(sass.splitlines())
+          per_warp = len(instr) + sum(d["body"] * (d["trips"] - 1) for d in detail)
+          popc_per_warp = sum("POPC" in ln for ln in instr) + sum(d["popc"] * (d["trips"] - 1) for d in detail)
           warp_instr = per_warp * programs * warps
+          weights = k * n
           entry = dict(K=k, N=n, M=m, layer=name, kernel=vname, block_n=bn, k_splits=splits, num_warps=warps,
-                       loops=detail, unmatched_loops=len(bodies) != len(looping), sass_instructions=total,
-                       dynamic_warp_instructions=warp_instr,
-                       issue_bound_us=1e6 * warp_instr / H200_WARP_ISSUE_PER_S)
+                       loops=detail, unmatched_loops=len(bodies) != len(looping), sass_instructions=len(instr),
+                       dynamic_warp_instructions=warp_instr, instr_per_weight=warp_instr * 32 / weights,
+                       issue_bound_us=1e6 * warp_instr / H200_WARP_ISSUE_PER_S,
+                       popc_bound_us=1e6 * popc_per_warp * programs * warps * 32 / H200_POPC_PER_S)
           results.append(entry)
-          per_weight = ", ".join(f"{d['body']} instr x {d['trips']} ({d['instr_per_weight_lhs']:.2f}/weight/lhs)"
-                                 for d in detail)
-          print(f"{m:>2}x{k}x{n} {name:15s} {vname:16s} bn {bn:3d} splits {splits}: {per_weight or '-'}; "
-                f"issue bound {entry['issue_bound_us']:.2f} us", flush=True)
+          print(f"{m:>2}x{k}x{n} {name:15s} {vname:16s} bn {bn:3d} splits {splits}: "
+                f"{entry['instr_per_weight']:.2f} instr/weight, issue bound {entry['issue_bound_us']:.2f} us"
+                + (f", POPC bound {entry['popc_bound_us']:.2f} us" if entry["popc_bound_us"] else ""), flush=True)
   with open(args.out, "w") as f:
     json.dump({"target": "sm_90 (triton package " + sys.modules["triton"].__version__ + ")",
-               "issue_rate_warp_instr_per_s": H200_WARP_ISSUE_PER_S, "rows": results}, f, indent=1)
+               "issue_rate_warp_instr_per_s": H200_WARP_ISSUE_PER_S, "popc_per_s": H200_POPC_PER_S,
+               "rows": results}, f, indent=1)
   print(f"wrote {args.out}")
 
 

@@ -14,6 +14,8 @@ Rows of the table:
                   sign plane with two row-scale sets + the gathered residual plane + glue)
   *_fused         the same layer through `kernels.packed_layer` (one launch for all planes,
                   K splits summed by XLA); *_fused_atomic: K splits added atomically
+  *_int8          the fused layer with int8 activations: the bit-serial popcount kernel
+                  (an approximation: activations rounded to 8 bits per 128-input chunk; M <= 4)
 
 Every JAX row is amortised over many calls inside one jit (a fori_loop whose input depends
 on the previous sum, so nothing is hoisted), cycling through enough weight copies that they
@@ -174,7 +176,8 @@ def cublas_us(m, k, n, *, calls_target, repeats):
 
 
 ROWS = ("cublas_bf16", "xla_trivial_op", "xla_bf16", "xla_unpack", "kernel_xnor", "kernel_xnor_fused",
-        "kernel_xnor_fused_atomic", "kernel_sab_s", "kernel_sab_s_fused", "kernel_sab_s_fused_atomic")
+        "kernel_xnor_fused_atomic", "kernel_xnor_int8", "kernel_sab_s", "kernel_sab_s_fused",
+        "kernel_sab_s_fused_atomic", "kernel_sab_s_int8")
 
 
 def print_row(entry):
@@ -192,21 +195,22 @@ def print_row(entry):
     print(f"  {name:28s} amortised {wall:8.2f} us  device {dev_s} us  ({base / ref:5.2f}x)", flush=True)
 
 
-def sweep(layers, n_copies_, x, n, kd, *, iters):
+def sweep(layers, parts, n_copies_, x, n, kd, *, iters):
   """Device time of the fused kernel's tilings on the structured-SAB layer."""
   out = {}
-  planes = [{kk: np.asarray(v[...]) for kk, v in p.items()} for p in layers["kernel_sab_s"].planes]
-  sizes = [s.group_size for s in layers["kernel_sab_s"].specs]
+  sab = layers["kernel_sab_s_fused"]
+  planes = packed.planes_for(sab.provider, parts, sab.in_features, one_lhs=True)
+  sizes, planes = [s.group_size for s, _ in planes], [a for _, a in planes]
   for bn in (32, 64, 128):
     for splits in (4, 8, 16):
       layout, arr = packed_layer.prepare(planes, sizes, n, block_n=bn, k_splits=splits)
       arr = [{kk: jnp.asarray(v) for kk, v in a.items()} for a in arr]
       cs = [jax.tree.map(lambda a: jnp.array(a, copy=True), arr) for _ in range(n_copies_)]
       for nw in (2, 4, 8):
-        for reduce in packed_layer.REDUCE:
-          name = f"sab_fused/{bn}x{splits}/w{nw}/{reduce}"
-          fn = lambda a, x, layout=layout, nw=nw, reduce=reduce: packed_layer.layer_matmul(
-              x, a, layout, dtype=kd, num_warps=nw, reduce=reduce)
+        for reduce, act in (("sum", "bf16"), ("atomic", "bf16"), ("sum", "int8")):
+          name = f"sab_fused/{bn}x{splits}/w{nw}/{reduce}/{act}"
+          fn = lambda a, x, layout=layout, nw=nw, reduce=reduce, act=act: packed_layer.layer_matmul(
+              x, a, layout, dtype=kd, num_warps=nw, reduce=reduce, activations=act)
           try:
             out[name] = device_us(fn, cs, x, iters=max(2, iters // 2))[0]
           except Exception as e:  # a tiling Triton rejects: record and go on
@@ -248,10 +252,13 @@ def main():
     xnor = providers.METHODS["xnor"]()
     xparts = {"signs": signs, "alpha_out": np.asarray(col[0, 0]).astype(jnp.bfloat16)}
     layers = {  # row name -> the layer as the packed model serves it
-        "kernel_xnor": (xnor, xparts, "per_plane"), "kernel_sab_s": (sab, parts, "per_plane"),
-        "kernel_xnor_fused": (xnor, xparts, "fused"), "kernel_sab_s_fused": (sab, parts, "fused")}
+        "kernel_xnor": (xnor, xparts, "per_plane", "bf16"), "kernel_sab_s": (sab, parts, "per_plane", "bf16"),
+        "kernel_xnor_fused": (xnor, xparts, "fused", "bf16"), "kernel_sab_s_fused": (sab, parts, "fused", "bf16"),
+        # int8 activations: the popcount kernel (an approximation; M <= 4 rows only)
+        "kernel_xnor_int8": (xnor, xparts, "fused", "int8"), "kernel_sab_s_int8": (sab, parts, "fused", "int8")}
     layers = {name: packed.PackedDense(prov, pa, k, n, bias=None, dtype=jnp.float32, mode="kernel", kernel_dtype=kd,
-                                       kernel=kern) for name, (prov, pa, kern) in layers.items()}
+                                       kernel=kern, activations=act)
+              for name, (prov, pa, kern, act) in layers.items()}
     auto_mode = packed.PackedDense(sab, parts, k, n, bias=None, dtype=jnp.float32, mode="auto").mode
     dq = packed.PackedDense(sab, parts, k, n, bias=None, dtype=jnp.float32, mode="dequant")
     arrays = {name: [{kk: v[...] for kk, v in p.items()} for p in layer.planes] for name, layer in layers.items()}
@@ -261,7 +268,8 @@ def main():
       """fn(arrays, x) of a layer row (kw: the fused kernel's reduce / vector)."""
       layer = layers[name]
       if layer.kernel == "fused":
-        return lambda a, x: packed_layer.layer_matmul(x, a, layer.layout, interpret=interpret, dtype=kd, **kw)
+        return lambda a, x: packed_layer.layer_matmul(x, a, layer.layout, interpret=interpret, dtype=kd,
+                                                      activations=layer.activations, **kw)
       return lambda a, x: packed.apply_planes(x, layer.specs, a, n, kernel_dtype=kd, interpret=interpret, **kw)
 
     rows_fns = {name: (served(name), name) for name in layers}
@@ -275,8 +283,10 @@ def main():
     ref_s = dq(x16.astype(jnp.float32))
     for name, (fn, arr) in list(rows_fns.items()):
       ref = ref_x if "xnor" in name else ref_s
+      if name.endswith("_int8"):  # against its own XLA twin (the same quantized sum)
+        ref = packed_layer.int8_reference(x16[:1].astype(jnp.float32), arrays[arr], layers[arr].layout)
       try:
-        for m_ in (16, 1):
+        for m_ in ((1,) if name.endswith("_int8") else (16, 1)):
           y = fn(arrays[arr], x16[:m_])
           checks[f"{name} {k}x{n} M={m_} rel err"] = float(jnp.abs(y - ref[:m_]).max() / jnp.abs(ref[:m_]).max())
       except Exception as e:  # keep the other rows if one kernel does not compile here
@@ -299,7 +309,8 @@ def main():
           "xla_trivial_op": (lambda w, x: x * 2, wb),  # what one more XLA launch costs in the loop
           "xla_bf16": (lambda w, x: jnp.dot(x, w), wb),
           "xla_unpack": (lambda c, x: packed_matmul.plane_matmul_reference(x[None], c[0], c[1], group_size=k), cb)}
-      timed.update({name: (fn, copies[arr]) for name, (fn, arr) in rows_fns.items()})
+      timed.update({name: (fn, copies[arr]) for name, (fn, arr) in rows_fns.items()
+                    if m <= packed_matmul.VECTOR_MAX_ROWS or not name.endswith("_int8")})
       if on_gpu:
         entry["cublas_bf16"], (entry["cublas_bf16_device"], entry["cublas_bf16_kernels"]) = cublas_us(
             m, k, n, calls_target=calls, repeats=repeats)
@@ -312,7 +323,7 @@ def main():
           traceback.print_exc()
           entry[name] = f"failed: {type(e).__name__}: {str(e)[:300]}"
       if on_gpu and args.sweep and m == 1:
-        entry["sweep"] = sweep(layers, len(copies["kernel_sab_s_fused"]), x, n, kd, iters=args.device_iters)
+        entry["sweep"] = sweep(layers, parts, len(copies["kernel_sab_s_fused"]), x, n, kd, iters=args.device_iters)
       entry.update(bf16_bytes=2 * k * n, bits_bytes=k * n // 8, **{f"{name}_bytes": b for name, b in nbytes.items()})
       rows.append(entry)
       print_row(entry)

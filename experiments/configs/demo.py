@@ -4,7 +4,9 @@ Variants (`demo.py:arg`): `smoke` (seconds; for tests); `retrain` and `relations
 two steps that trained the shipped teacher (RESULTS.md): `retrain` trains a teacher from
 scratch (without image coordinates; every type but spatial relations is learned),
 `relations` fine-tunes one (`teacher.init`, default the shipped step-1 checkpoint) with
-image coordinates and a relation curriculum. Anything else: `--config.key=value`.
+image coordinates and a relation curriculum; `kernel_layouts` binarizes only the layouts
+the packed kernels serve (XNOR, structured SAB / ARB-RC) and distils two of them (for
+`experiments/benchmarks/int8_activations_quality.py`). Anything else: `--config.key=value`.
 """
 
 import os
@@ -17,7 +19,7 @@ _REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__
 
 
 def get_config(arg=None):
-  arg = config_utils.parse_arg(arg, smoke=False, retrain=False, relations=False)
+  arg = config_utils.parse_arg(arg, smoke=False, retrain=False, relations=False, kernel_layouts=False)
   c = ml_collections.ConfigDict()
   # Stages run in this order by `sab_jax.main`.
   c.stages = ("data", "teacher", "eval_fp", "calibrate", "binarize", "export", "distill", "eval")
@@ -142,6 +144,11 @@ def get_config(arg=None):
     c.teacher.init = os.path.join(_REPO, "experiments", "teacher", "demo_step1")
     c.train.update(num_steps=2500, lr=1e-3, warmup_steps=50, final_lr_fraction=0.1, phases=(
         (700, {"relation": 0.75, "compare": 0.25}), (1800, {"*": 0.6, "relation": 0.3, "compare": 0.1})))
+  if arg.kernel_layouts:  # only the layouts the packed kernels serve, each also distilled
+    c.quant.methods = ("xnor",)
+    c.quant.variants = ml_collections.ConfigDict({"sab_structured": {"method": "sab", "structured": True},
+                                                  "arb_rc_structured": {"method": "arb_rc", "structured": True}})
+    c.distill.sources = ("sab_structured", "xnor")
 
   if arg.smoke:
     c.data.config = c.data.train_config = "tiny"

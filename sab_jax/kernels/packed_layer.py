@@ -17,6 +17,13 @@ structured-SAB layer, which at decode cost more than reading the bits (RESULTS.m
 XLA keeps only the gather of a gathered plane's rows (the salient rows of the structured
 layout) and the zeros or the final sum.
 
+`activations="int8"` (decode, M <= 4, planes with one row-scale set): the kernel
+quantizes x ⊙ α_r per chunk to int8 (absmax scale) itself and each 32-input word of
+signs meets the 8 bit planes of q by AND + popcount, so a weight costs well under one instruction instead of
+an unpack and a multiply-add:  Σ_k q_k·(2w_k - 1) = 2·Σ_b coef_b·popc(Q_b & W) - Σ_k q_k
+with coef = 1, 2, ..., 64, -128 (two's complement). An approximation of the bf16 result
+(activations to 8 bits); `int8_reference` computes the same quantized sum in XLA.
+
 Plane p of a layer computes Σ_l Σ_g α_c[g, l] ⊙ ((x_p ⊙ α_r[l])_g @ B_g) with
 x_p = x[:, rows] for a gathered plane (see `sab_jax.models.packed.planes_for`).
 `interpret=True` runs the kernel on CPU; the tests compare it with float64.
@@ -38,6 +45,12 @@ from jax.experimental.pallas import triton as plgpu
 from sab_jax.kernels.packed_matmul import MIN_ROWS, VECTOR_MAX_ROWS, WORD_BITS, tiling
 
 REDUCE = ("sum", "atomic")
+ACTIVATIONS = ("bf16", "int8")
+INT8_BITS = 8
+# Column tile for layers served with int8 activations: each program quantizes its x chunks
+# itself, so wider tiles share that work; 128 halves the issued instructions of 64 on the
+# 7B shapes by the SASS counts (RESULTS.md).
+INT8_BLOCK_N = 128
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,11 +201,95 @@ def _kernel(*refs, layout: Layout, rows: int, vector: bool, reduce: str, dtype):
     plgpu.atomic_add(o_ref, (slice(None), slice(None)), acc)
 
 
+def quantize(v: jax.Array, chunk: int) -> tuple[jax.Array, jax.Array]:
+  """float `[..., R]` -> (int32 q `[..., R/chunk, chunk]` in [-127, 127], float32 scale
+  `[..., R/chunk]`): per chunk, scale = absmax / 127 and q = floor(v / scale + 1/2).
+  The kernel computes the same on each `[W, 32]` tile (floor, not round: Pallas lowers it)."""
+  v = v.astype(jnp.float32).reshape(v.shape[:-1] + (-1, chunk))
+  amax = jnp.max(jnp.abs(v), axis=-1)
+  scale = jnp.where(amax > 0, amax / 127.0, 1.0)
+  q = jnp.clip(jnp.floor(v / scale[..., None] + 0.5), -127, 127).astype(jnp.int32)
+  return q, scale
+
+
+def _plane_input(x: jax.Array, a: Mapping[str, jax.Array], p: PlaneLayout) -> jax.Array:
+  """What plane p multiplies: x (gathered) times its row scales, float32 `[M, rows]`."""
+  xp = jnp.take(x, a["rows"], axis=1) if p.gathered else x
+  if xp.shape[1] != a["bits"].shape[0] * WORD_BITS:
+    raise ValueError(f"x has {xp.shape[1]} inputs for a plane of {a['bits'].shape[0] * WORD_BITS} rows")
+  xp = xp.astype(jnp.float32)
+  return xp * a["lhs_scale"][0][None, :] if p.scaled else xp
+
+
+def _kernel_int8(*refs, layout: Layout, rows: int, reduce: str):
+  """Per plane refs: x [M, words, 32], row scales [1, words, 32] (if scaled), bits, col.
+  Each program quantizes its chunks of x itself (a few values; the same in every column
+  tile) and meets each word of signs with the 8 bit planes of q by AND + popcount."""
+  *ins, o_ref = refs
+  split = pl.program_id(1)
+  acc = [jnp.zeros((layout.block_n,), jnp.float32) for _ in range(rows)]
+  b = jax.lax.broadcasted_iota(jnp.int32, (INT8_BITS, 1, 1), 0)
+  coef = jnp.where(b == INT8_BITS - 1, -(1 << (INT8_BITS - 1)), jnp.left_shift(1, b))
+  lane = jax.lax.broadcasted_iota(jnp.int32, (1, 1, WORD_BITS), 2)
+  refs_iter = iter(ins)
+  for p in layout.planes:
+    x_ref = next(refs_iter)
+    lhs_ref = next(refs_iter) if p.scaled else None
+    b_ref, c_ref = next(refs_iter), next(refs_iter)
+    w = p.chunk // WORD_BITS
+
+    def body(i, acc, p=p, x_ref=x_ref, lhs_ref=lhs_ref, b_ref=b_ref, c_ref=c_ref, w=w):
+      span = pl.ds(pl.multiple_of(i * w, w), w)
+      words = jax.lax.bitcast_convert_type(b_ref[span, :], jnp.int32)               # [W, BN]
+      c = c_ref[((split * p.chunks_per_split + i) * p.chunk) // p.group_size, 0].astype(jnp.float32)
+      acc = list(acc)
+      for r in range(rows):
+        v = x_ref[r, span, :].astype(jnp.float32)                                     # [W, 32]
+        if p.scaled:
+          v = v * lhs_ref[0, span, :].astype(jnp.float32)
+        amax = jnp.max(jnp.max(jnp.abs(v), axis=1), axis=0)
+        scale = jnp.where(amax > 0, amax / 127.0, 1.0)
+        q = jnp.clip(jnp.floor(v / scale + 0.5), -127, 127).astype(jnp.int32)
+        # bit plane b, word w: bit b of q (two's complement) of input 32·w + i at bit i
+        planes = jnp.sum(((q[None, :, :] & 0xFF) >> b & 1) << lane, axis=2)            # [8, W]
+        hits = jax.lax.population_count(planes[:, :, None] & words[None, :, :])      # int32: __nv_popc
+        t = jnp.sum(jnp.sum(hits * coef, axis=0), axis=0).astype(jnp.float32)        # Σ_k q_k w_k, [BN]
+        qsum = jnp.sum(jnp.sum(q, axis=1), axis=0).astype(jnp.float32)
+        acc[r] = acc[r] + c * (scale * (2.0 * t - qsum))
+      return tuple(acc)
+
+    acc = jax.lax.fori_loop(0, p.chunks_per_split, body, tuple(acc))
+  for r in range(rows):
+    if reduce == "sum":
+      o_ref[0, r] = acc[r]
+    else:
+      plgpu.atomic_add(o_ref, (pl.ds(r, 1), slice(None)), acc[r][None, :])
+
+
+def int8_reference(x: jax.Array, arrays: Sequence[Mapping[str, jax.Array]], layout: Layout) -> jax.Array:
+  """`activations="int8"` in XLA (float32 `[M, N]`): the same per-chunk quantization, the
+  signs unpacked densely. For CPU, for M > 4, and as the kernel's oracle."""
+  y = 0.0
+  for p, a in zip(layout.planes, arrays):
+    if p.n_lhs != 1:
+      raise ValueError("int8 activations need planes with one row-scale set (planes_for(one_lhs=True))")
+    q, scale = quantize(_plane_input(x, a, p), p.chunk)                          # [M, C, chunk], [M, C]
+    k = a["bits"].shape[0] * WORD_BITS
+    shifts = jnp.arange(WORD_BITS, dtype=jnp.uint32)
+    signs = ((a["bits"][:, None, :] >> shifts[None, :, None]) & 1).reshape(k, -1)
+    signs = jnp.where(signs != 0, 1.0, -1.0).reshape(k // p.chunk, p.chunk, -1)
+    per_chunk = jnp.einsum("mck,ckn->mcn", q.astype(jnp.float32), signs) * scale[..., None]
+    groups = jnp.arange(k // p.chunk) * p.chunk // p.group_size
+    y = y + jnp.einsum("mcn,cn->mn", per_chunk, a["col_scale"][groups, 0].astype(jnp.float32))
+  return y[:, :layout.n_out]
+
+
 @functools.partial(jax.jit, static_argnames=("layout", "vector", "reduce", "interpret", "dtype", "num_warps",
-                                             "num_stages"))
+                                             "num_stages", "activations"))
 def layer_matmul(x: jax.Array, arrays: Sequence[Mapping[str, jax.Array]], layout: Layout, *,
                  vector: bool | None = None, reduce: str = "sum", interpret: bool = False, dtype=jnp.bfloat16,
-                 num_warps: int | None = None, num_stages: int | None = None) -> jax.Array:
+                 num_warps: int | None = None, num_stages: int | None = None,
+                 activations: str = "bf16") -> jax.Array:
   """`x [M, K] @ Ŵ` as float32 `[M, N]` for a layer laid out by `prepare`.
 
   Args:
@@ -200,9 +297,16 @@ def layer_matmul(x: jax.Array, arrays: Sequence[Mapping[str, jax.Array]], layout
       16-row-padded tiles.
     reduce: how the K splits' partials meet: "sum" (an XLA sum) or "atomic".
     dtype: x's dtype inside the kernel (bf16 on GPU; float32 keeps interpret mode exact).
+    activations: "bf16" (x as `dtype`), or "int8": the bit-serial popcount kernel (M <= 4,
+      one row-scale set per plane), equal to `int8_reference` up to float rounding.
   """
   if reduce not in REDUCE:
     raise ValueError(f"reduce={reduce!r} not in {REDUCE}")
+  if activations not in ACTIVATIONS:
+    raise ValueError(f"activations={activations!r} not in {ACTIVATIONS}")
+  if activations == "int8":
+    return _layer_matmul_int8(x, arrays, layout, reduce=reduce, interpret=interpret, num_warps=num_warps,
+                              num_stages=num_stages)
   m = x.shape[0]
   vector = m <= VECTOR_MAX_ROWS if vector is None else vector
   if vector and m > VECTOR_MAX_ROWS:
@@ -230,6 +334,41 @@ def layer_matmul(x: jax.Array, arrays: Sequence[Mapping[str, jax.Array]], layout
     in_specs += [pl.BlockSpec((words, bn), lambda j, s: (s, j)),
                  pl.BlockSpec((a["col_scale"].shape[0], p.n_lhs, bn), lambda j, s: (0, 0, j))]
   kernel = functools.partial(_kernel, layout=layout, rows=rows, vector=vector, reduce=reduce, dtype=dtype)
+  return _launch(kernel, operands, in_specs, layout, rows, m, n_padded, reduce=reduce, interpret=interpret,
+                 num_warps=num_warps, num_stages=num_stages)
+
+
+def _layer_matmul_int8(x, arrays, layout, *, reduce, interpret, num_warps, num_stages):
+  m = x.shape[0]
+  if m > VECTOR_MAX_ROWS:
+    raise ValueError(f"int8 activations are for decode, M <= {VECTOR_MAX_ROWS} rows, got {m}; "
+                     f"use int8_reference for more rows")
+  if len(arrays) != len(layout.planes) or any(p.n_lhs != 1 for p in layout.planes):
+    raise ValueError("int8 activations need one array set per plane, each with one row-scale set "
+                     "(planes_for(one_lhs=True))")
+  bn, n_padded = layout.block_n, arrays[0]["bits"].shape[1]
+  operands, in_specs = [], []
+  for p, a in zip(layout.planes, arrays):
+    xp = jnp.take(x, a["rows"], axis=1) if p.gathered else x
+    if xp.shape[1] != a["bits"].shape[0] * WORD_BITS:
+      raise ValueError(f"x has {xp.shape[1]} inputs for a plane of {a['bits'].shape[0] * WORD_BITS} rows")
+    words = p.chunks_per_split * p.chunk // WORD_BITS
+    operands.append(xp.reshape(m, -1, WORD_BITS))
+    in_specs.append(pl.BlockSpec((m, words, WORD_BITS), lambda j, s: (0, s, 0)))
+    if p.scaled:
+      operands.append(a["lhs_scale"].reshape(1, -1, WORD_BITS))
+      in_specs.append(pl.BlockSpec((1, words, WORD_BITS), lambda j, s: (0, s, 0)))
+    operands += [a["bits"], a["col_scale"]]
+    in_specs += [pl.BlockSpec((words, bn), lambda j, s: (s, j)),
+                 pl.BlockSpec((a["col_scale"].shape[0], 1, bn), lambda j, s: (0, 0, j))]
+  kernel = functools.partial(_kernel_int8, layout=layout, rows=m, reduce=reduce)
+  return _launch(kernel, operands, in_specs, layout, m, m, n_padded, reduce=reduce, interpret=interpret,
+                 num_warps=num_warps, num_stages=num_stages)
+
+
+def _launch(kernel, operands, in_specs, layout, rows, m, n_padded, *, reduce, interpret, num_warps, num_stages):
+  """One pallas_call over (column tiles, K splits); partials summed or added atomically."""
+  bn, splits = layout.block_n, layout.k_splits
   params = None if interpret else plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
   grid = (n_padded // bn, splits)
   if reduce == "sum":

@@ -17,6 +17,9 @@ Two kernels serve "kernel" mode: "per_plane" (`kernels.packed_matmul`: one launc
 plane, scaling, permutation and reduction in XLA; measured on an H200, RESULTS.md) and
 "fused" (`kernels.packed_layer`: the whole layer in one launch, its layout prepared at
 load time). "per_plane" stays the default until "fused" has been timed on a GPU.
+`activations="int8"` (fused only) quantizes what each plane multiplies to int8 per chunk
+and serves decode steps (M <= 4) with the bit-serial popcount kernel, larger M with its
+XLA twin (`packed_layer.int8_reference`): an approximation, measured in RESULTS.md.
 
 `from_export` builds the model from an export directory (`export.checkpoint.read`).
 The packed model is single-device: it is for evaluation and decode, not training.
@@ -152,11 +155,13 @@ class PackedDense(nnx.Module):
 
   def __init__(self, provider: Any, parts: Mapping[str, np.ndarray], n_in: int, n_out: int, *,
                bias: np.ndarray | None, dtype: Any, mode: str = "auto", kernel_dtype: Any = None,
-               interpret: bool | None = None, kernel: str = "per_plane"):
+               interpret: bool | None = None, kernel: str = "per_plane", activations: str = "bf16"):
     if mode not in MODES:
       raise ValueError(f"mode {mode!r} not in {MODES}")
     if kernel not in KERNELS:
       raise ValueError(f"kernel {kernel!r} not in {KERNELS}")
+    if activations not in packed_layer.ACTIVATIONS or (activations == "int8" and kernel != "fused"):
+      raise ValueError(f"activations {activations!r}: 'bf16', or 'int8' with kernel='fused'")
     self.provider, self.in_features, self.out_features, self.dtype = provider, n_in, n_out, dtype
     on_gpu = jax.default_backend() == "gpu"
     planes = planes_for(provider, parts, n_in, one_lhs=kernel == "fused") if mode != "dequant" else None
@@ -167,12 +172,17 @@ class PackedDense(nnx.Module):
     self.interpret = (not on_gpu) if interpret is None else interpret
     self.kernel_dtype = kernel_dtype or (jnp.bfloat16 if on_gpu else jnp.float32)
     self.bias = Packed(jnp.asarray(bias)) if bias is not None else None
-    self.kernel = kernel
+    self.kernel, self.activations = kernel, activations
+    if activations == "int8" and self.mode != "kernel":
+      raise ValueError(f"activations='int8' needs the kernel path (mode='kernel', or 'auto' on a GPU) and a layout "
+                       f"it covers; this layer is served in {self.mode!r} mode")
     if self.mode == "kernel":
       self.specs = tuple(s for s, _ in planes)
       arrays = [a for _, a in planes]
       if kernel == "fused":
-        self.layout, arrays = packed_layer.prepare(arrays, [s.group_size for s in self.specs], n_out)
+        self.layout, arrays = packed_layer.prepare(
+            arrays, [s.group_size for s in self.specs], n_out,
+            block_n=packed_layer.INT8_BLOCK_N if activations == "int8" else None)
       self.planes = nnx.List([nnx.Dict({k: Packed(jnp.asarray(v)) for k, v in a.items()}) for a in arrays])
     else:
       stored = packing.packed_parts(parts)
@@ -193,11 +203,14 @@ class PackedDense(nnx.Module):
     else:
       lead = x.shape[:-1]
       arrays = [{k: v[...] for k, v in p.items()} for p in self.planes]
-      if self.kernel == "fused":
-        y = packed_layer.layer_matmul(x.reshape(-1, x.shape[-1]), arrays, self.layout, interpret=self.interpret,
-                                      dtype=self.kernel_dtype)
+      x2 = x.reshape(-1, x.shape[-1])
+      if self.activations == "int8" and x2.shape[0] > packed_matmul.VECTOR_MAX_ROWS:
+        y = packed_layer.int8_reference(x2, arrays, self.layout)
+      elif self.kernel == "fused":
+        y = packed_layer.layer_matmul(x2, arrays, self.layout, interpret=self.interpret, dtype=self.kernel_dtype,
+                                      activations=self.activations)
       else:
-        y = apply_planes(x.reshape(-1, x.shape[-1]), self.specs, arrays, self.out_features,
+        y = apply_planes(x2, self.specs, arrays, self.out_features,
                          kernel_dtype=self.kernel_dtype, interpret=self.interpret)
       y = y.astype(self.dtype).reshape(lead + (self.out_features,))
     if self.bias is not None:
@@ -226,8 +239,8 @@ def replace_layer(model: nnx.Module, path: str, new: nnx.Module) -> None:
     setattr(parent, last, new)
 
 
-def from_export(directory: str, model_template: nnx.Module, *, mode: str = "auto",
-                kernel_dtype: Any = None, kernel: str = "per_plane") -> tuple[nnx.Module, dict[str, Any]]:
+def from_export(directory: str, model_template: nnx.Module, *, mode: str = "auto", kernel_dtype: Any = None,
+                kernel: str = "per_plane", activations: str = "bf16") -> tuple[nnx.Module, dict[str, Any]]:
   """The packed inference model of an export; returns (model, manifest).
 
   `model_template` gives the structure and dtypes (build it from the manifest's
@@ -247,7 +260,8 @@ def from_export(directory: str, model_template: nnx.Module, *, mode: str = "auto
     n_in, n_out = dense.in_features, dense.out_features
     bias = None if dense.bias is None else np.asarray(dense.bias[...])
     replace_layer(model, path, PackedDense(provider, parts, n_in, n_out, bias=bias, dtype=dense.dtype,
-                                           mode=mode, kernel_dtype=kernel_dtype, kernel=kernel))
+                                           mode=mode, kernel_dtype=kernel_dtype, kernel=kernel,
+                                           activations=activations))
   return model, manifest
 
 

@@ -105,6 +105,16 @@ def test_packed_dense_matches_the_dequantized_kernel(name, n_in, n_out):
     assert np.abs(y - np.asarray(ref)).max() <= 1e-5 * np.abs(np.asarray(ref)).max(), kernel
     y2 = np.asarray(fast(x[:1, :2]))  # 2 rows: the multiply-add variant
     assert np.abs(y2 - np.asarray(ref[:1, :2])).max() <= 1e-5 * np.abs(np.asarray(ref)).max(), kernel
+  # int8 activations: the popcount kernel (2 rows) and its XLA twin (6 rows) agree; both
+  # are the exact layer up to 8-bit activations
+  int8 = packed.PackedDense(provider, parts, n_in, n_out, bias=bias, dtype=jnp.float32, mode="kernel", kernel="fused",
+                            activations="int8")
+  y8 = np.asarray(int8(x))
+  np.testing.assert_allclose(np.asarray(int8(x[:1, :2])), y8[:1, :2], rtol=0, atol=1e-5 * np.abs(y8).max())
+  assert 0 < np.abs(y8 - np.asarray(ref)).max() <= 0.05 * np.abs(np.asarray(ref)).max()
+  for bad in (dict(kernel="per_plane", mode="kernel"), dict(kernel="fused", mode="dequant")):
+    with pytest.raises(ValueError, match="int8"):
+      packed.PackedDense(provider, parts, n_in, n_out, bias=None, dtype=jnp.float32, activations="int8", **bad)
   fast = packed.PackedDense(provider, parts, n_in, n_out, bias=bias, dtype=jnp.float32, mode="kernel")
   # the bits read by the kernel: ~1 bit per weight for XNOR, + the gathered residual rows for SAB
   bits = sum(int(p["bits"][...].size) * 32 for p in fast.planes)

@@ -1,5 +1,6 @@
-"""The one-launch layer kernel (interpret mode on CPU) against float64 numpy, and the Triton
-lowering of both packed kernels, checked without a GPU."""
+"""The one-launch layer kernel (interpret mode on CPU) against float64 numpy, its int8
+(popcount) variant against its XLA twin and the exact result, and the Triton lowering of
+the packed kernels, checked without a GPU."""
 
 import jax
 import jax.numpy as jnp
@@ -97,6 +98,63 @@ def test_bad_layouts_and_arguments_are_refused():
                               interpret=True)
 
 
+def _one_lhs_layer(rng, k=1024, n=200, k_res=128, block_n=64, k_splits=3):
+  planes, signs, sizes = _planes(rng, k, n, k_res, 512, 64, n_lhs=1)
+  layout, arrays = packed_layer.prepare(planes, sizes, n, block_n=block_n, k_splits=k_splits)
+  return layout, [{key: jnp.asarray(v) for key, v in a.items()} for a in arrays], planes, signs, sizes
+
+
+@pytest.mark.parametrize("m,reduce", [(1, "sum"), (3, "atomic")])
+def test_int8_kernel_matches_its_xla_reference(m, reduce):
+  """The popcount kernel computes exactly the quantized sum (integers, then float scales)."""
+  rng = np.random.default_rng(m)
+  layout, arrays, planes, signs, sizes = _one_lhs_layer(rng)
+  x = jnp.asarray(rng.standard_normal((m, 1024)).astype(np.float32))
+  y = packed_layer.layer_matmul(x, arrays, layout, activations="int8", reduce=reduce, interpret=True)
+  ref = packed_layer.int8_reference(x, arrays, layout)
+  np.testing.assert_allclose(np.asarray(y), np.asarray(ref), rtol=0, atol=1e-6 * float(jnp.abs(ref).max()))
+  # and it is the bf16 result up to the activations' rounding: |error| <= Σ_chunks |α_c| · scale/2 · chunk
+  exact = _reference(np.asarray(x), planes, signs, sizes)
+  bound = 0
+  for p, a in zip(layout.planes, arrays):
+    v = np.asarray(x, np.float64)[:, np.asarray(a["rows"])] if p.gathered else np.asarray(x, np.float64)
+    v = v * np.asarray(a["lhs_scale"])[0]
+    half_step = np.abs(v).reshape(m, -1, p.chunk).max(-1) / 127 / 2               # [M, chunks]
+    groups = np.arange(half_step.shape[1]) * p.chunk // p.group_size
+    bound = bound + p.chunk * half_step @ np.abs(np.asarray(a["col_scale"], np.float64)[groups, 0])
+  err = np.abs(np.asarray(ref, np.float64) - exact)
+  assert (err <= bound[:, :200] + 1e-5).all() and err.max() > 0
+
+
+def test_int8_is_exact_for_activations_on_the_int8_grid():
+  """Integers in [-127, 127] with 127 in every chunk quantize to themselves."""
+  rng = np.random.default_rng(5)
+  k, n = 512, 64
+  signs = rng.random((k, n)) < 0.5
+  plane = {"bits": packing.pack_bits(signs), "lhs_scale": np.ones((1, k), np.float32),
+           "col_scale": rng.uniform(0.1, 1.0, (1, 1, n)).astype(np.float32)}
+  layout, arrays = packed_layer.prepare([plane], [k], n, block_n=32, k_splits=2)
+  arrays = [{key: jnp.asarray(v) for key, v in a.items()} for a in arrays]
+  x = rng.integers(-127, 128, (2, k)).astype(np.float32)
+  x[:, ::128] = 127.0
+  y = packed_layer.layer_matmul(jnp.asarray(x), arrays, layout, activations="int8", interpret=True)
+  want = (x.astype(np.float64) @ np.where(signs, 1.0, -1.0)) * plane["col_scale"][0, 0]
+  np.testing.assert_allclose(np.asarray(y), want, rtol=0, atol=1e-6 * np.abs(want).max())
+
+
+def test_int8_refusals():
+  rng = np.random.default_rng(6)
+  layout, arrays, *_ = _one_lhs_layer(rng)
+  with pytest.raises(ValueError, match="M <= 4"):
+    packed_layer.layer_matmul(jnp.zeros((5, 1024)), arrays, layout, activations="int8", interpret=True)
+  with pytest.raises(ValueError, match="activations"):
+    packed_layer.layer_matmul(jnp.zeros((1, 1024)), arrays, layout, activations="int4", interpret=True)
+  planes, _, sizes = _planes(rng, 512, 64, 64, 256, 32, n_lhs=2)
+  layout2, arrays2 = packed_layer.prepare(planes, sizes, 64)
+  with pytest.raises(ValueError, match="one row-scale set"):
+    packed_layer.layer_matmul(jnp.zeros((1, 512)), arrays2, layout2, activations="int8", interpret=True)
+
+
 @pytest.mark.parametrize("m", [1, 16])
 def test_both_kernels_lower_to_triton_for_cuda(m):
   """Lowering for CUDA runs the whole Pallas -> Triton IR path on this CPU machine: what
@@ -114,6 +172,9 @@ def test_both_kernels_lower_to_triton_for_cuda(m):
     layout, arrays = packed_layer.prepare(planes, sizes, n, k_splits=3)
     arrays = [{key: jnp.asarray(v) for key, v in a.items()} for a in arrays]
     assert triton_calls(lambda x, a: packed_layer.layer_matmul(x, a, layout, reduce=reduce), x, arrays) == 1
+  if m <= 4:  # the popcount kernel (decode only)
+    layout, arrays, *_ = _one_lhs_layer(rng, k=k, n=n)
+    assert triton_calls(lambda x, a: packed_layer.layer_matmul(x, a, layout, activations="int8"), x, arrays) == 1
   bits, col = jnp.asarray(planes[0]["bits"]), jnp.ones((2, 1, n), jnp.float32)
   assert triton_calls(lambda x, b, c: packed_matmul.plane_matmul(
       x[None], b, c, group_size=512, block_n=64, k_splits=8, vector=m <= 4), x, bits, col) == 1
