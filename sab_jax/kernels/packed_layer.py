@@ -152,11 +152,7 @@ def _kernel(*refs, layout: Layout, rows: int, vector: bool, reduce: str, dtype):
   split = pl.program_id(1)
   bn = layout.block_n
   acc = [jnp.zeros((bn,), jnp.float32) for _ in range(rows)] if vector else jnp.zeros((rows, bn), jnp.float32)
-  refs_iter = iter(ins)
-  for p in layout.planes:
-    x_ref = next(refs_iter)
-    lhs_ref = next(refs_iter) if p.scaled else None
-    b_ref, c_ref = next(refs_iter), next(refs_iter)
+  for p, x_ref, lhs_ref, b_ref, c_ref in _plane_refs(ins, layout):
     w = p.chunk // WORD_BITS
 
     def body(i, acc, p=p, x_ref=x_ref, lhs_ref=lhs_ref, b_ref=b_ref, c_ref=c_ref, w=w):
@@ -214,10 +210,7 @@ def quantize(v: jax.Array, chunk: int) -> tuple[jax.Array, jax.Array]:
 
 def _plane_input(x: jax.Array, a: Mapping[str, jax.Array], p: PlaneLayout) -> jax.Array:
   """What plane p multiplies: x (gathered) times its row scales, float32 `[M, rows]`."""
-  xp = jnp.take(x, a["rows"], axis=1) if p.gathered else x
-  if xp.shape[1] != a["bits"].shape[0] * WORD_BITS:
-    raise ValueError(f"x has {xp.shape[1]} inputs for a plane of {a['bits'].shape[0] * WORD_BITS} rows")
-  xp = xp.astype(jnp.float32)
+  xp = _plane_x(x, a, p).astype(jnp.float32)
   return xp * a["lhs_scale"][0][None, :] if p.scaled else xp
 
 
@@ -231,11 +224,7 @@ def _kernel_int8(*refs, layout: Layout, rows: int, reduce: str):
   b = jax.lax.broadcasted_iota(jnp.int32, (INT8_BITS, 1, 1), 0)
   coef = jnp.where(b == INT8_BITS - 1, -(1 << (INT8_BITS - 1)), jnp.left_shift(1, b))
   lane = jax.lax.broadcasted_iota(jnp.int32, (1, 1, WORD_BITS), 2)
-  refs_iter = iter(ins)
-  for p in layout.planes:
-    x_ref = next(refs_iter)
-    lhs_ref = next(refs_iter) if p.scaled else None
-    b_ref, c_ref = next(refs_iter), next(refs_iter)
+  for p, x_ref, lhs_ref, b_ref, c_ref in _plane_refs(ins, layout):
     w = p.chunk // WORD_BITS
 
     def body(i, acc, p=p, x_ref=x_ref, lhs_ref=lhs_ref, b_ref=b_ref, c_ref=c_ref, w=w):
@@ -311,30 +300,10 @@ def layer_matmul(x: jax.Array, arrays: Sequence[Mapping[str, jax.Array]], layout
   vector = m <= VECTOR_MAX_ROWS if vector is None else vector
   if vector and m > VECTOR_MAX_ROWS:
     raise ValueError(f"vector=True is for M <= {VECTOR_MAX_ROWS} rows, got {m}")
-  if len(arrays) != len(layout.planes):
-    raise ValueError(f"{len(arrays)} planes of arrays for a layout of {len(layout.planes)}")
   rows = m if vector else max(MIN_ROWS, pl.next_power_of_2(m))
-  bn, splits = layout.block_n, layout.k_splits
-  n_padded = arrays[0]["bits"].shape[1]
-  x = x.astype(dtype)
-  operands, in_specs = [], []
-  for p, a in zip(layout.planes, arrays):
-    xp = jnp.take(x, a["rows"], axis=1) if p.gathered else x
-    if xp.shape[1] != a["bits"].shape[0] * WORD_BITS:
-      raise ValueError(f"x has {xp.shape[1]} inputs for a plane of {a['bits'].shape[0] * WORD_BITS} rows")
-    xp = jnp.pad(xp, ((0, rows - m), (0, 0)))
-    span = p.chunks_per_split * p.chunk
-    words = span // WORD_BITS
-    operands.append(xp.reshape(rows, -1, WORD_BITS))  # [M, K/32, 32]: a free reshape
-    in_specs.append(pl.BlockSpec((rows, words, WORD_BITS), lambda j, s: (0, s, 0)))
-    if p.scaled:
-      operands.append(a["lhs_scale"].reshape(p.n_lhs, -1, WORD_BITS))
-      in_specs.append(pl.BlockSpec((p.n_lhs, words, WORD_BITS), lambda j, s: (0, s, 0)))
-    operands += [a["bits"], a["col_scale"]]
-    in_specs += [pl.BlockSpec((words, bn), lambda j, s: (s, j)),
-                 pl.BlockSpec((a["col_scale"].shape[0], p.n_lhs, bn), lambda j, s: (0, 0, j))]
+  operands, in_specs = _operands(x.astype(dtype), arrays, layout, rows)
   kernel = functools.partial(_kernel, layout=layout, rows=rows, vector=vector, reduce=reduce, dtype=dtype)
-  return _launch(kernel, operands, in_specs, layout, rows, m, n_padded, reduce=reduce, interpret=interpret,
+  return _launch(kernel, operands, in_specs, layout, rows, m, reduce=reduce, interpret=interpret,
                  num_warps=num_warps, num_stages=num_stages)
 
 
@@ -343,32 +312,56 @@ def _layer_matmul_int8(x, arrays, layout, *, reduce, interpret, num_warps, num_s
   if m > VECTOR_MAX_ROWS:
     raise ValueError(f"int8 activations are for decode, M <= {VECTOR_MAX_ROWS} rows, got {m}; "
                      f"use int8_reference for more rows")
-  if len(arrays) != len(layout.planes) or any(p.n_lhs != 1 for p in layout.planes):
-    raise ValueError("int8 activations need one array set per plane, each with one row-scale set "
-                     "(planes_for(one_lhs=True))")
-  bn, n_padded = layout.block_n, arrays[0]["bits"].shape[1]
-  operands, in_specs = [], []
-  for p, a in zip(layout.planes, arrays):
-    xp = jnp.take(x, a["rows"], axis=1) if p.gathered else x
-    if xp.shape[1] != a["bits"].shape[0] * WORD_BITS:
-      raise ValueError(f"x has {xp.shape[1]} inputs for a plane of {a['bits'].shape[0] * WORD_BITS} rows")
-    words = p.chunks_per_split * p.chunk // WORD_BITS
-    operands.append(xp.reshape(m, -1, WORD_BITS))
-    in_specs.append(pl.BlockSpec((m, words, WORD_BITS), lambda j, s: (0, s, 0)))
-    if p.scaled:
-      operands.append(a["lhs_scale"].reshape(1, -1, WORD_BITS))
-      in_specs.append(pl.BlockSpec((1, words, WORD_BITS), lambda j, s: (0, s, 0)))
-    operands += [a["bits"], a["col_scale"]]
-    in_specs += [pl.BlockSpec((words, bn), lambda j, s: (s, j)),
-                 pl.BlockSpec((a["col_scale"].shape[0], 1, bn), lambda j, s: (0, 0, j))]
+  if any(p.n_lhs != 1 for p in layout.planes):
+    raise ValueError("int8 activations need planes with one row-scale set (planes_for(one_lhs=True))")
+  operands, in_specs = _operands(x, arrays, layout, m)
   kernel = functools.partial(_kernel_int8, layout=layout, rows=m, reduce=reduce)
-  return _launch(kernel, operands, in_specs, layout, m, m, n_padded, reduce=reduce, interpret=interpret,
+  return _launch(kernel, operands, in_specs, layout, m, m, reduce=reduce, interpret=interpret,
                  num_warps=num_warps, num_stages=num_stages)
 
 
-def _launch(kernel, operands, in_specs, layout, rows, m, n_padded, *, reduce, interpret, num_warps, num_stages):
+def _plane_x(x: jax.Array, a: Mapping[str, jax.Array], p: PlaneLayout) -> jax.Array:
+  """The x columns plane p reads (gathered for a gathered plane), checked against its rows."""
+  xp = jnp.take(x, a["rows"], axis=1) if p.gathered else x
+  if xp.shape[1] != a["bits"].shape[0] * WORD_BITS:
+    raise ValueError(f"x has {xp.shape[1]} inputs for a plane of {a['bits'].shape[0] * WORD_BITS} rows")
+  return xp
+
+
+def _operands(x, arrays, layout, rows):
+  """Per plane: x `[rows, K/32, 32]` (zero rows padded; a free reshape), row scales
+  `[L, K/32, 32]` if any, bits, column scales; with their (column tile, K split) blocks."""
+  if len(arrays) != len(layout.planes):
+    raise ValueError(f"{len(arrays)} planes of arrays for a layout of {len(layout.planes)}")
+  bn = layout.block_n
+  operands, in_specs = [], []
+  for p, a in zip(layout.planes, arrays):
+    xp = jnp.pad(_plane_x(x, a, p), ((0, rows - x.shape[0]), (0, 0)))
+    words = p.chunks_per_split * p.chunk // WORD_BITS
+    operands.append(xp.reshape(rows, -1, WORD_BITS))
+    in_specs.append(pl.BlockSpec((rows, words, WORD_BITS), lambda j, s: (0, s, 0)))
+    if p.scaled:
+      operands.append(a["lhs_scale"].reshape(p.n_lhs, -1, WORD_BITS))
+      in_specs.append(pl.BlockSpec((p.n_lhs, words, WORD_BITS), lambda j, s: (0, s, 0)))
+    operands += [a["bits"], a["col_scale"]]
+    in_specs += [pl.BlockSpec((words, bn), lambda j, s: (s, j)),
+                 pl.BlockSpec((a["col_scale"].shape[0], p.n_lhs, bn), lambda j, s: (0, 0, j))]
+  return operands, in_specs
+
+
+def _plane_refs(ins, layout):
+  """(plane layout, x_ref, row-scale ref or None, bits_ref, col_ref) per plane, in `_operands` order."""
+  it = iter(ins)
+  for p in layout.planes:
+    x_ref = next(it)
+    lhs_ref = next(it) if p.scaled else None
+    yield p, x_ref, lhs_ref, next(it), next(it)
+
+
+def _launch(kernel, operands, in_specs, layout, rows, m, *, reduce, interpret, num_warps, num_stages):
   """One pallas_call over (column tiles, K splits); partials summed or added atomically."""
   bn, splits = layout.block_n, layout.k_splits
+  n_padded = operands[-2].shape[1]  # the last plane's bits
   params = None if interpret else plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
   grid = (n_padded // bn, splits)
   if reduce == "sum":
