@@ -16,6 +16,7 @@ Rows of the table:
                   K splits summed by XLA); *_fused_atomic: K splits added atomically
   *_int8          the fused layer with int8 activations: the bit-serial popcount kernel
                   (an approximation: activations rounded to 8 bits per 128-input chunk; M <= 4)
+  *_xla_gather*   the salient rows gathered by XLA before the kernel, not inside it (M <= 4)
 
 Every JAX row is amortised over many calls inside one jit (a fori_loop whose input depends
 on the previous sum, so nothing is hoisted), cycling through enough weight copies that they
@@ -180,7 +181,8 @@ def cublas_us(m, k, n, *, calls_target, repeats):
 
 ROWS = ("cublas_bf16", "xla_trivial_op", "xla_bf16", "xla_unpack", "kernel_xnor", "kernel_xnor_fused",
         "kernel_xnor_fused_atomic", "kernel_xnor_int8", "kernel_sab_s", "kernel_sab_s_fused",
-        "kernel_sab_s_fused_atomic", "kernel_sab_s_int8")
+        "kernel_sab_s_fused_atomic", "kernel_sab_s_fused_xla_gather", "kernel_sab_s_int8",
+        "kernel_sab_s_fused_xla_gather_int8")
 
 
 def print_row(entry):
@@ -276,6 +278,11 @@ def main():
       return lambda a, x: packed.apply_planes(x, layer.specs, a, n, kernel_dtype=kd, interpret=interpret, **kw)
 
     rows_fns = {name: (served(name), name) for name in layers}
+    # the salient rows gathered by XLA before the kernel instead of by the kernel (M <= 4 rows)
+    rows_fns["kernel_sab_s_fused_xla_gather_int8"] = (served("kernel_sab_s_int8", gather_in_kernel=False),
+                                                      "kernel_sab_s_int8")
+    rows_fns["kernel_sab_s_fused_xla_gather"] = (served("kernel_sab_s_fused", gather_in_kernel=False, vector=True),
+                                                 "kernel_sab_s_fused")
     rows_fns["kernel_sab_s_fused_atomic"] = (served("kernel_sab_s_fused", reduce="atomic"), "kernel_sab_s_fused")
     rows_fns["kernel_xnor_fused_atomic"] = (served("kernel_xnor_fused", reduce="atomic"), "kernel_xnor_fused")
 
@@ -289,7 +296,7 @@ def main():
       if name.endswith("_int8"):  # against its own XLA twin (the same quantized sum)
         ref = packed_layer.int8_reference(x16[:1].astype(jnp.float32), arrays[arr], layers[arr].layout)
       try:
-        for m_ in ((1,) if name.endswith("_int8") else (16, 1)):
+        for m_ in ((1,) if name.endswith("_int8") or "xla_gather" in name else (16, 1)):
           y = fn(arrays[arr], x16[:m_])
           checks[f"{name} {k}x{n} M={m_} rel err"] = float(jnp.abs(y - ref[:m_]).max() / jnp.abs(ref[:m_]).max())
       except Exception as e:  # keep the other rows if one kernel does not compile here
@@ -313,7 +320,7 @@ def main():
           "xla_bf16": (lambda w, x: jnp.dot(x, w), wb),
           "xla_unpack": (lambda c, x: packed_matmul.plane_matmul_reference(x[None], c[0], c[1], group_size=k), cb)}
       timed.update({name: (fn, copies[arr]) for name, (fn, arr) in rows_fns.items()
-                    if m <= packed_matmul.VECTOR_MAX_ROWS or not name.endswith("_int8")})
+                    if m <= packed_matmul.VECTOR_MAX_ROWS or not (name.endswith("_int8") or "xla_gather" in name)})
       if on_gpu:
         entry["cublas_bf16"], (entry["cublas_bf16_device"], entry["cublas_bf16_kernels"]) = cublas_us(
             m, k, n, calls_target=calls, repeats=repeats)

@@ -62,6 +62,7 @@ class PlaneLayout:
   group_size: int        # plane rows sharing one α_c row
   gathered: bool         # reads x[:, rows] (else x in order)
   scaled: bool           # has row scales (else all ones)
+  x_width: int           # the x columns the plane reads: 1 + its largest row index
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,7 +125,8 @@ def prepare(planes: Sequence[Mapping[str, np.ndarray]], group_sizes: Sequence[in
       rows = np.arange(k, dtype=np.int32) if rows is None else np.asarray(rows, np.int32)
       out["rows"] = np.pad(rows, (0, pad))
     layouts.append(PlaneLayout(n_lhs=n_lhs, chunk=chunk, chunks_per_split=per_split, group_size=gs,
-                               gathered=gathered, scaled=scaled))
+                               gathered=gathered, scaled=scaled,
+                               x_width=int(out["rows"].max()) + 1 if gathered else k))
     arrays.append(out)
   return Layout(tuple(layouts), n_out, block_n, k_splits), arrays
 
@@ -147,21 +149,21 @@ def _bit_major(x: jax.Array) -> jax.Array:
   return jnp.swapaxes(x, 1, 2).reshape(r, WORD_BITS * w)
 
 
-def _kernel(*refs, layout: Layout, rows: int, vector: bool, reduce: str, dtype):
+def _kernel(*refs, layout: Layout, rows: int, vector: bool, reduce: str, dtype, gather_in_kernel: bool):
   *ins, o_ref = refs
   split = pl.program_id(1)
   bn = layout.block_n
   acc = [jnp.zeros((bn,), jnp.float32) for _ in range(rows)] if vector else jnp.zeros((rows, bn), jnp.float32)
-  for p, x_ref, lhs_ref, b_ref, c_ref in _plane_refs(ins, layout):
+  for p, read, x_ref, lhs_ref, b_ref, c_ref in _plane_refs(ins, layout, gather_in_kernel=gather_in_kernel):
     w = p.chunk // WORD_BITS
 
-    def body(i, acc, p=p, x_ref=x_ref, lhs_ref=lhs_ref, b_ref=b_ref, c_ref=c_ref, w=w):
+    def body(i, acc, p=p, read=read, x_ref=x_ref, lhs_ref=lhs_ref, b_ref=b_ref, c_ref=c_ref, w=w):
       words = b_ref[pl.ds(pl.multiple_of(i * w, w), w), :]
       g = ((split * p.chunks_per_split + i) * p.chunk) // p.group_size
       if vector:  # rows of x as [W, 32] tiles times one ±1 tile shared by every row and LHS
         plus = _signs(words)
         pm1 = jnp.where(plus, 1.0, -1.0)
-        xs = [x_ref[r, pl.ds(pl.multiple_of(i * w, w), w), :].astype(jnp.float32) for r in range(rows)]
+        xs = [read(r, i) for r in range(rows)]
         acc = list(acc)
         for l in range(p.n_lhs):
           c = c_ref[g, l].astype(jnp.float32)
@@ -214,7 +216,7 @@ def _plane_input(x: jax.Array, a: Mapping[str, jax.Array], p: PlaneLayout) -> ja
   return xp * a["lhs_scale"][0][None, :] if p.scaled else xp
 
 
-def _kernel_int8(*refs, layout: Layout, rows: int, reduce: str):
+def _kernel_int8(*refs, layout: Layout, rows: int, reduce: str, gather_in_kernel: bool):
   """Per plane refs: x [M, words, 32], row scales [1, words, 32] (if scaled), bits, col.
   Each program quantizes its chunks of x itself (a few values; the same in every column
   tile) and meets each word of signs with the 8 bit planes of q by AND + popcount."""
@@ -224,16 +226,16 @@ def _kernel_int8(*refs, layout: Layout, rows: int, reduce: str):
   b = jax.lax.broadcasted_iota(jnp.int32, (INT8_BITS, 1, 1), 0)
   coef = jnp.where(b == INT8_BITS - 1, -(1 << (INT8_BITS - 1)), jnp.left_shift(1, b))
   lane = jax.lax.broadcasted_iota(jnp.int32, (1, 1, WORD_BITS), 2)
-  for p, x_ref, lhs_ref, b_ref, c_ref in _plane_refs(ins, layout):
+  for p, read, _, lhs_ref, b_ref, c_ref in _plane_refs(ins, layout, gather_in_kernel=gather_in_kernel):
     w = p.chunk // WORD_BITS
 
-    def body(i, acc, p=p, x_ref=x_ref, lhs_ref=lhs_ref, b_ref=b_ref, c_ref=c_ref, w=w):
+    def body(i, acc, p=p, read=read, lhs_ref=lhs_ref, b_ref=b_ref, c_ref=c_ref, w=w):
       span = pl.ds(pl.multiple_of(i * w, w), w)
       words = jax.lax.bitcast_convert_type(b_ref[span, :], jnp.int32)               # [W, BN]
       c = c_ref[((split * p.chunks_per_split + i) * p.chunk) // p.group_size, 0].astype(jnp.float32)
       acc = list(acc)
       for r in range(rows):
-        v = x_ref[r, span, :].astype(jnp.float32)                                     # [W, 32]
+        v = read(r, i)                                                                # [W, 32]
         if p.scaled:
           v = v * lhs_ref[0, span, :].astype(jnp.float32)
         amax = jnp.max(jnp.max(jnp.abs(v), axis=1), axis=0)
@@ -274,11 +276,11 @@ def int8_reference(x: jax.Array, arrays: Sequence[Mapping[str, jax.Array]], layo
 
 
 @functools.partial(jax.jit, static_argnames=("layout", "vector", "reduce", "interpret", "dtype", "num_warps",
-                                             "num_stages", "activations"))
+                                             "num_stages", "activations", "gather_in_kernel"))
 def layer_matmul(x: jax.Array, arrays: Sequence[Mapping[str, jax.Array]], layout: Layout, *,
                  vector: bool | None = None, reduce: str = "sum", interpret: bool = False, dtype=jnp.bfloat16,
                  num_warps: int | None = None, num_stages: int | None = None,
-                 activations: str = "bf16") -> jax.Array:
+                 activations: str = "bf16", gather_in_kernel: bool | None = None) -> jax.Array:
   """`x [M, K] @ Ŵ` as float32 `[M, N]` for a layer laid out by `prepare`.
 
   Args:
@@ -288,6 +290,9 @@ def layer_matmul(x: jax.Array, arrays: Sequence[Mapping[str, jax.Array]], layout
     dtype: x's dtype inside the kernel (bf16 on GPU; float32 keeps interpret mode exact).
     activations: "bf16" (x as `dtype`), or "int8": the bit-serial popcount kernel (M <= 4,
       one row-scale set per plane), equal to `int8_reference` up to float rounding.
+    gather_in_kernel: a gathered plane's x columns picked by the kernel (one launch per
+      layer; the default of the multiply-add variants) or by an XLA gather before it
+      (the dot variant's only way). Which is faster on a GPU is open (RESULTS.md).
   """
   if reduce not in REDUCE:
     raise ValueError(f"reduce={reduce!r} not in {REDUCE}")
@@ -295,27 +300,31 @@ def layer_matmul(x: jax.Array, arrays: Sequence[Mapping[str, jax.Array]], layout
     raise ValueError(f"activations={activations!r} not in {ACTIVATIONS}")
   if activations == "int8":
     return _layer_matmul_int8(x, arrays, layout, reduce=reduce, interpret=interpret, num_warps=num_warps,
-                              num_stages=num_stages)
+                              num_stages=num_stages, gather_in_kernel=gather_in_kernel is not False)
   m = x.shape[0]
   vector = m <= VECTOR_MAX_ROWS if vector is None else vector
   if vector and m > VECTOR_MAX_ROWS:
     raise ValueError(f"vector=True is for M <= {VECTOR_MAX_ROWS} rows, got {m}")
+  if gather_in_kernel and not vector:
+    raise ValueError("gather_in_kernel is for the multiply-add variants (vector=True)")
+  gather_in_kernel = vector if gather_in_kernel is None else gather_in_kernel
   rows = m if vector else max(MIN_ROWS, pl.next_power_of_2(m))
-  operands, in_specs = _operands(x.astype(dtype), arrays, layout, rows)
-  kernel = functools.partial(_kernel, layout=layout, rows=rows, vector=vector, reduce=reduce, dtype=dtype)
+  operands, in_specs = _operands(x.astype(dtype), arrays, layout, rows, gather_in_kernel=gather_in_kernel)
+  kernel = functools.partial(_kernel, layout=layout, rows=rows, vector=vector, reduce=reduce, dtype=dtype,
+                             gather_in_kernel=gather_in_kernel)
   return _launch(kernel, operands, in_specs, layout, rows, m, reduce=reduce, interpret=interpret,
                  num_warps=num_warps, num_stages=num_stages)
 
 
-def _layer_matmul_int8(x, arrays, layout, *, reduce, interpret, num_warps, num_stages):
+def _layer_matmul_int8(x, arrays, layout, *, reduce, interpret, num_warps, num_stages, gather_in_kernel):
   m = x.shape[0]
   if m > VECTOR_MAX_ROWS:
     raise ValueError(f"int8 activations are for decode, M <= {VECTOR_MAX_ROWS} rows, got {m}; "
                      f"use int8_reference for more rows")
   if any(p.n_lhs != 1 for p in layout.planes):
     raise ValueError("int8 activations need planes with one row-scale set (planes_for(one_lhs=True))")
-  operands, in_specs = _operands(x, arrays, layout, m)
-  kernel = functools.partial(_kernel_int8, layout=layout, rows=m, reduce=reduce)
+  operands, in_specs = _operands(x, arrays, layout, m, gather_in_kernel=gather_in_kernel)
+  kernel = functools.partial(_kernel_int8, layout=layout, rows=m, reduce=reduce, gather_in_kernel=gather_in_kernel)
   return _launch(kernel, operands, in_specs, layout, m, m, reduce=reduce, interpret=interpret,
                  num_warps=num_warps, num_stages=num_stages)
 
@@ -328,18 +337,27 @@ def _plane_x(x: jax.Array, a: Mapping[str, jax.Array], p: PlaneLayout) -> jax.Ar
   return xp
 
 
-def _operands(x, arrays, layout, rows):
-  """Per plane: x `[rows, K/32, 32]` (zero rows padded; a free reshape), row scales
-  `[L, K/32, 32]` if any, bits, column scales; with their (column tile, K split) blocks."""
+def _operands(x, arrays, layout, rows, gather_in_kernel):
+  """Per plane: x, row scales `[L, K/32, 32]` if any, bits, column scales, with their
+  (column tile, K split) blocks. x is `[rows, K/32, 32]` (zero rows padded; a free
+  reshape), gathered by XLA for a gathered plane, or, with `gather_in_kernel` (the
+  multiply-add variants), x whole plus the plane's row indices, gathered by the kernel."""
   if len(arrays) != len(layout.planes):
     raise ValueError(f"{len(arrays)} planes of arrays for a layout of {len(layout.planes)}")
   bn = layout.block_n
   operands, in_specs = [], []
   for p, a in zip(layout.planes, arrays):
-    xp = jnp.pad(_plane_x(x, a, p), ((0, rows - x.shape[0]), (0, 0)))
     words = p.chunks_per_split * p.chunk // WORD_BITS
-    operands.append(xp.reshape(rows, -1, WORD_BITS))
-    in_specs.append(pl.BlockSpec((rows, words, WORD_BITS), lambda j, s: (0, s, 0)))
+    if x.shape[1] < p.x_width or (not p.gathered and x.shape[1] != p.x_width):
+      raise ValueError(f"x has {x.shape[1]} inputs; the layer's planes read {p.x_width}")
+    if p.gathered and gather_in_kernel:
+      operands += [jnp.pad(x, ((0, rows - x.shape[0]), (0, 0))), a["rows"]]
+      in_specs += [pl.BlockSpec((rows, x.shape[1]), lambda j, s: (0, 0)),
+                   pl.BlockSpec((words * WORD_BITS,), lambda j, s: (s,))]
+    else:
+      xp = jnp.pad(_plane_x(x, a, p), ((0, rows - x.shape[0]), (0, 0)))
+      operands.append(xp.reshape(rows, -1, WORD_BITS))
+      in_specs.append(pl.BlockSpec((rows, words, WORD_BITS), lambda j, s: (0, s, 0)))
     if p.scaled:
       operands.append(a["lhs_scale"].reshape(p.n_lhs, -1, WORD_BITS))
       in_specs.append(pl.BlockSpec((p.n_lhs, words, WORD_BITS), lambda j, s: (0, s, 0)))
@@ -349,13 +367,24 @@ def _operands(x, arrays, layout, rows):
   return operands, in_specs
 
 
-def _plane_refs(ins, layout):
-  """(plane layout, x_ref, row-scale ref or None, bits_ref, col_ref) per plane, in `_operands` order."""
+def _plane_refs(ins, layout, gather_in_kernel):
+  """(plane layout, x tile reader, row-scale ref or None, bits_ref, col_ref) per plane, in
+  `_operands` order; `read(r, i)` is row r's chunk i of the plane's x as float32 `[W, 32]`."""
   it = iter(ins)
   for p in layout.planes:
     x_ref = next(it)
+    w = p.chunk // WORD_BITS
+    if p.gathered and gather_in_kernel:
+      rows_ref = next(it)
+
+      def read(r, i, x_ref=x_ref, rows_ref=rows_ref, p=p, w=w):
+        idx = rows_ref[pl.ds(pl.multiple_of(i * p.chunk, p.chunk), p.chunk)]
+        return x_ref[r, idx].astype(jnp.float32).reshape(w, WORD_BITS)
+    else:
+      def read(r, i, x_ref=x_ref, w=w):
+        return x_ref[r, pl.ds(pl.multiple_of(i * w, w), w), :].astype(jnp.float32)
     lhs_ref = next(it) if p.scaled else None
-    yield p, x_ref, lhs_ref, next(it), next(it)
+    yield p, read, x_ref, lhs_ref, next(it), next(it)
 
 
 def _launch(kernel, operands, in_specs, layout, rows, m, *, reduce, interpret, num_warps, num_stages):

@@ -54,11 +54,12 @@ def test_layer_kernel_matches_float64(m, k, n, k_res, group, res_group, block_n,
   x = rng.standard_normal((m, k)).astype(np.float32)
   layout, arrays = packed_layer.prepare(planes, sizes, n, block_n=block_n, k_splits=k_splits)
   arrays = [{key: jnp.asarray(v) for key, v in a.items()} for a in arrays]
-  y = packed_layer.layer_matmul(jnp.asarray(x), arrays, layout, vector=vector, reduce=reduce, interpret=True,
-                                dtype=jnp.float32)
   want = _reference(x, planes, signs, sizes)
-  assert y.shape == (m, n) and y.dtype == jnp.float32
-  np.testing.assert_allclose(np.asarray(y), want, rtol=0, atol=2e-6 * np.abs(want).max())
+  for gather_in_kernel in ((True, False) if vector else (False,)):
+    y = packed_layer.layer_matmul(jnp.asarray(x), arrays, layout, vector=vector, reduce=reduce, interpret=True,
+                                  dtype=jnp.float32, gather_in_kernel=gather_in_kernel)
+    assert y.shape == (m, n) and y.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(y), want, rtol=0, atol=2e-6 * np.abs(want).max())
 
 
 def test_unscaled_plane_in_order_needs_no_gather_and_bit_order_is_the_exports():
@@ -93,6 +94,12 @@ def test_bad_layouts_and_arguments_are_refused():
     packed_layer.layer_matmul(jnp.zeros((5, 512)), arrays, layout, vector=True, interpret=True)
   with pytest.raises(ValueError, match="reduce"):
     packed_layer.layer_matmul(jnp.zeros((1, 512)), arrays, layout, reduce="tree", interpret=True)
+  gathered = layout.__class__(layout.planes[1:], 64, layout.block_n, layout.k_splits)
+  narrow = int(np.asarray(arrays[1]["rows"]).max())  # one column short of what the gathered plane reads
+  for vector in (True, False):  # the gather in the kernel or in XLA: refused either way
+    with pytest.raises(ValueError, match=f"x has {narrow} inputs"):
+      packed_layer.layer_matmul(jnp.zeros((1, narrow)), arrays[1:], gathered, vector=vector, interpret=True)
+    packed_layer.layer_matmul(jnp.zeros((1, narrow + 1)), arrays[1:], gathered, vector=vector, interpret=True)
   with pytest.raises(ValueError, match="x has 256 inputs"):
     packed_layer.layer_matmul(jnp.zeros((1, 256)), arrays[:1], layout.__class__(layout.planes[:1], 64, 128, 4),
                               interpret=True)
@@ -110,9 +117,11 @@ def test_int8_kernel_matches_its_xla_reference(m, reduce):
   rng = np.random.default_rng(m)
   layout, arrays, planes, signs, sizes = _one_lhs_layer(rng)
   x = jnp.asarray(rng.standard_normal((m, 1024)).astype(np.float32))
-  y = packed_layer.layer_matmul(x, arrays, layout, activations="int8", reduce=reduce, interpret=True)
   ref = packed_layer.int8_reference(x, arrays, layout)
-  np.testing.assert_allclose(np.asarray(y), np.asarray(ref), rtol=0, atol=1e-6 * float(jnp.abs(ref).max()))
+  for gather_in_kernel in (True, False):
+    y = packed_layer.layer_matmul(x, arrays, layout, activations="int8", reduce=reduce, interpret=True,
+                                  gather_in_kernel=gather_in_kernel)
+    np.testing.assert_allclose(np.asarray(y), np.asarray(ref), rtol=0, atol=1e-6 * float(jnp.abs(ref).max()))
   # and it is the bf16 result up to the activations' rounding: |error| <= Σ_chunks |α_c| · scale/2 · chunk
   exact = _reference(np.asarray(x), planes, signs, sizes)
   bound = 0
