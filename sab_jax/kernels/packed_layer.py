@@ -14,15 +14,17 @@ structured-SAB layer, which at decode cost more than reading the bits (RESULTS.m
     `experiments/benchmarks/packed_kernel_sass.py`;
   * the K splits are reduced by one XLA sum (`reduce="sum"`) or by atomic adds into a
     zeroed output (`reduce="atomic"`).
-XLA keeps only the gather of a gathered plane's rows (the salient rows of the structured
-layout) and the zeros or the final sum.
+At M <= 4 the kernel also gathers a gathered plane's x columns (the salient rows of the
+structured layout) itself, so XLA keeps only the zeros or the final sum; the dot variant
+(M > 4) leaves that gather to XLA.
 
 `activations="int8"` (decode, M <= 4, planes with one row-scale set): the kernel
 quantizes x ⊙ α_r per chunk to int8 (absmax scale) itself and each 32-input word of
-signs meets the 8 bit planes of q by AND + popcount, so a weight costs well under one instruction instead of
-an unpack and a multiply-add:  Σ_k q_k·(2w_k - 1) = 2·Σ_b coef_b·popc(Q_b & W) - Σ_k q_k
-with coef = 1, 2, ..., 64, -128 (two's complement). An approximation of the bf16 result
-(activations to 8 bits); `int8_reference` computes the same quantized sum in XLA.
+signs meets the 8 bit planes of q by AND + popcount: 8 of each per 32 weights instead of
+an unpack and a multiply-add per weight,
+  Σ_k q_k·(2w_k - 1) = 2·Σ_b coef_b·popc(Q_b & W) - Σ_k q_k,  coef = 1, 2, ..., 64, -128
+(two's complement). An approximation of the bf16 result (activations to 8 bits);
+`int8_reference` computes the same quantized sum in XLA.
 
 Plane p of a layer computes Σ_l Σ_g α_c[g, l] ⊙ ((x_p ⊙ α_r[l])_g @ B_g) with
 x_p = x[:, rows] for a gathered plane (see `sab_jax.models.packed.planes_for`).
@@ -48,8 +50,8 @@ REDUCE = ("sum", "atomic")
 ACTIVATIONS = ("bf16", "int8")
 INT8_BITS = 8
 # Column tile for layers served with int8 activations: each program quantizes its x chunks
-# itself, so wider tiles share that work; 128 halves the issued instructions of 64 on the
-# 7B shapes by the SASS counts (RESULTS.md).
+# itself, so wider tiles share that work; 128 issues ~40% fewer instructions than 64 on
+# the 7B shapes by the SASS counts (experiments/benchmarks/packed_kernel_sass.py).
 INT8_BLOCK_N = 128
 
 
