@@ -46,8 +46,7 @@ def main():
     directory = os.path.join(args.workdir, entry.get("export_dir", "-"))
     if not os.path.isdir(directory):
       continue
-    manifest, _, _ = checkpoint.read(directory, ctx.new_model())
-    if not packed.kernel_supports(checkpoint.provider_from_spec(manifest["provider"])):
+    if not packed.kernel_supports(checkpoint.provider_from_spec(checkpoint.read_manifest(directory)["provider"])):
       continue
     row = {}
     for label, kw in (("exact", dict(mode="dequant")),

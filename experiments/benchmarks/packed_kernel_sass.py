@@ -37,7 +37,6 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 
-from sab_jax.export import packing
 from sab_jax.kernels import packed_layer, packed_matmul
 from sab_jax.models import packed
 from sab_jax.quant import providers

@@ -1,6 +1,6 @@
 """Decode-shape speed of the packed 1-bit kernel against bf16 (cuBLAS, XLA) and unpack-in-XLA.
 
-  python experiments/benchmarks/packed_matmul_speed.py [--out packed_matmul_speed.json] [--quick]
+  python experiments/benchmarks/packed_matmul_speed.py [--out packed_matmul_speed.json] [--quick] [--sweep]
 
 Shapes: x[M, K] @ W[K, N] for (K, N) = (4096, 11008) and (11008, 4096), M = 1 and 16.
 Rows of the table:
@@ -8,7 +8,6 @@ Rows of the table:
   xla_bf16        jnp.dot in bf16
   xla_unpack      the sign bits unpacked to bf16 inside XLA, then the GEMM (one plane, XNOR layout)
   kernel_xnor     the Pallas kernel on an XNOR layer (one plane, B ⊙ α_out) as served (`apply_planes`)
-  kernel_xnor_best  best (variant, block_n x k_splits, num_warps) of a small sweep of `plane_matmul`
   xla_trivial_op  `x * 2`: what one XLA launch costs inside the timing loop
   kernel_sab_s    the whole structured-SAB layer as served (`models.packed.apply_planes`: the
                   sign plane with two row-scale sets + the gathered residual plane + glue)
@@ -17,6 +16,7 @@ Rows of the table:
   *_int8          the fused layer with int8 activations: the bit-serial popcount kernel
                   (an approximation: activations rounded to 8 bits per 128-input chunk; M <= 4)
   *_xla_gather*   the salient rows gathered by XLA before the kernel, not inside it (M <= 4)
+`--sweep` adds, at M = 1, the fused kernel's tilings on the SAB layer (JSON `sweep`).
 
 Every JAX row is amortised over many calls inside one jit (a fori_loop whose input depends
 on the previous sum, so nothing is hoisted), cycling through enough weight copies that they

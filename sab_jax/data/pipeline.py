@@ -222,16 +222,17 @@ def make_dataset(
   if not 0 <= shard_index < shard_count:
     raise ValueError(f'shard_index={shard_index} not in [0, shard_count={shard_count}).')
   ds = grain.MapDataset.source(source)
-  types = None if record_types is None else np.asarray(record_types)  # sliced as `ds` is: one per record
-  if types is not None and len(types) != len(ds):
+  # one question type per record, sliced exactly as `ds` is (placeholders without record_types)
+  types = np.asarray(record_types) if record_types is not None else np.zeros(len(ds), np.int8)
+  if len(types) != len(ds):
     raise ValueError(f'record_types has {len(types)} entries for a source of {len(ds)} records')
   if max_records is not None:
-    ds, types = ds[:max_records], None if types is None else types[:max_records]
+    ds, types = ds[:max_records], types[:max_records]
   total = len(ds)
   if drop_remainder:
     keep = len(ds) // shard_count * shard_count
-    ds, types = ds[:keep], None if types is None else types[:keep]
-  ds, types = ds[shard_index::shard_count], None if types is None else types[shard_index::shard_count]
+    ds, types = ds[:keep], types[:keep]
+  ds, types = ds[shard_index::shard_count], types[shard_index::shard_count]
   if len(ds) == 0:
     raise ValueError(f'Shard {shard_index} of {shard_count} of a source of '
                      f'{len(source)} records is empty.')
@@ -242,7 +243,7 @@ def make_dataset(
     per_shard = -(-total // shard_count)
     pad = -(-per_shard // batch_size) * batch_size - len(ds)
   if phases:
-    if num_epochs is not None or types is None:
+    if num_epochs is not None or record_types is None:
       raise ValueError('phases are for endless training streams: they need num_epochs=None and record_types')
     ds = _curriculum(ds, types, phases, batch_size, seed if shuffle else None)
   else:
