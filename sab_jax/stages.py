@@ -337,7 +337,7 @@ def stage_binarize(ctx: Context) -> None:
 def _write_export(ctx: Context, name: str, model: nnx.Module, layers: dict[str, Any], provider: Any
                   ) -> dict[str, Any]:
   """Exports to `DIR/exports/<name>`; returns the results.json fields counted from the bytes written."""
-  from sab_jax.export import checkpoint as export_lib
+  from sab_jax import export as export_lib
   directory = os.path.join(ctx.workdir, "exports", name)
   info = export_lib.export(model, layers, name, provider, directory, config=ctx.config, overwrite=True,
                            int8_params=tuple(ctx.config.export.int8_params))
@@ -364,7 +364,7 @@ def stage_export(ctx: Context) -> None:
 def stage_distill(ctx: Context) -> None:
   """Quantization-aware distillation of each `config.distill.sources` export into
   `<source>_kd`, written as a packed export (evaluated by `eval`)."""
-  from sab_jax.export import checkpoint as export_lib
+  from sab_jax import export as export_lib
   from sab_jax.train import distill
 
   dc = ctx.config.distill

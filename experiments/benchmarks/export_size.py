@@ -9,7 +9,7 @@ alpha_in [in,2], alpha_out [groups,3,out]) drawn from random numbers
 provider on a small kernel), and every other param random bf16 values. Running the real
 binarizer on 7B takes hours on a CPU (binarize_speed.py) and would not change a byte.
 
-All sizes come from what `checkpoint.export` writes: `binarized_bytes` and `params_bytes`
+All sizes come from what `writer.export` writes: `binarized_bytes` and `params_bytes`
 (nbytes of the arrays handed to orbax) and `model_bytes` (every file on disk under the
 export directory, i.e. after orbax's compression, plus metadata and manifest). FP16 size:
 2 bytes × every parameter of the model.
@@ -52,8 +52,8 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
-from sab_jax.export import checkpoint
-from sab_jax.models import llava
+from sab_jax import export as export_lib
+from sab_jax.models import llava, paths
 from sab_jax.quant import providers, rules
 from sab_jax.quant.core import bits_core
 from sab_jax.quant.providers import base
@@ -148,7 +148,7 @@ def fill_params(model: nnx.Module, skip: set[str], seed: int) -> int:
   """Sets every Param not in `skip` to random bf16 values (std 0.02); returns their count."""
   rng = np.random.default_rng(seed)
   n = 0
-  for path, var in checkpoint._params(model).items():
+  for path, var in paths.params(model).items():
     if path in skip:
       continue
     shape = tuple(var.get_value().shape)
@@ -168,7 +168,7 @@ def run(variant: str, configs: list[str], workdir: str, *, seed: int = 0, keep: 
   cfg = llava.VARIANTS[variant]
   t = time.perf_counter()
   model = abstract_model(cfg)
-  params = checkpoint._params(model)
+  params = paths.params(model)
   dense = dict(rules.dense_layers(model))
   total_params = sum(math.prod(v.get_value().shape) for v in params.values())
   chosen = {c: rules.select(model, CONFIGS[c]["rules"]) for c in configs}
@@ -185,12 +185,12 @@ def run(variant: str, configs: list[str], workdir: str, *, seed: int = 0, keep: 
     int8 = [r for r in INT8 if any(re.fullmatch(r, p) for p in params)] if spec["int8"] else []
     directory = os.path.join(workdir, c)
     t = time.perf_counter()
-    out = checkpoint.export(model, layers, "sab_structured_synthetic", provider, directory, overwrite=True,
+    out = export_lib.export(model, layers, "sab_structured_synthetic", provider, directory, overwrite=True,
                             verify=False, int8_params=int8,
                             config={"benchmark": "export_size", "variant": variant, "configuration": c,
                                     "weights": "random, structured-SAB layout", "seed": seed})
     export_s = time.perf_counter() - t
-    manifest = checkpoint.read_manifest(directory)
+    manifest = export_lib.read_manifest(directory)
     dec = [l for l in manifest["layers"] if l["path"].startswith("language_model.layers.")]
     dec_bytes = sum(l["bits"]["stored_bytes"] for l in dec)
     dec_n = sum(l["bits"]["n_weights"] for l in dec)
@@ -223,7 +223,7 @@ def run(variant: str, configs: list[str], workdir: str, *, seed: int = 0, keep: 
       "benchmark": "export_size", "variant": variant, "provider": repr(provider),
       "weights": "random numbers with the structured-SAB parts layout (not a trained model); "
                  "non-binarized params random bf16",
-      "sizes": "bytes written by sab_jax.export.checkpoint.export (arrays: nbytes; model_bytes: files on disk)",
+      "sizes": "bytes written by sab_jax.export.writer.export (arrays: nbytes; model_bytes: files on disk)",
       "total_params": total_params, "setup_s": setup_s,
       "date": datetime.date.today().isoformat(), "host": platform.processor() or platform.machine(),
       "cpu_count": os.cpu_count(), "jax": jax.__version__, "rows": rows,

@@ -22,7 +22,7 @@ import time
 from sab_jax import stages
 from sab_jax.data import synthetic_vqa
 from sab_jax.eval import vqa
-from sab_jax.export import checkpoint
+from sab_jax import export as export_lib
 from sab_jax.models import packed
 
 
@@ -46,7 +46,7 @@ def main():
     directory = os.path.join(args.workdir, entry.get("export_dir", "-"))
     if not os.path.isdir(directory):
       continue
-    if not packed.kernel_supports(checkpoint.provider_from_spec(checkpoint.read_manifest(directory)["provider"])):
+    if not packed.kernel_supports(export_lib.provider_from_spec(export_lib.read_manifest(directory)["provider"])):
       continue
     row = {}
     for label, kw in (("exact", dict(mode="dequant")),

@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from sab_jax.export import checkpoint, packing
-from sab_jax.models import layers
+from sab_jax import export as export_lib
+from sab_jax.export import packing
+from sab_jax.models import layers, paths
 from sab_jax.quant import providers
 from sab_jax.quant.core import bits_core
 
@@ -72,15 +73,15 @@ def test_synthetic_parts_have_the_providers_layout_and_bytes(shape, tmp_path):
   assert syn.w_hat.shape == real.w_hat.shape and syn.w_hat.dtype == real.w_hat.dtype
 
   # The same bytes and manifest entries from export (the real one verified bit-exactly).
-  out_r = checkpoint.export(_OneDense(*shape), {"proj": real}, "sab", SAB, str(tmp_path / "r"))
-  out_s = checkpoint.export(_OneDense(*shape), {"proj": syn}, "sab", SAB, str(tmp_path / "s"), verify=False)
+  out_r = export_lib.export(_OneDense(*shape), {"proj": real}, "sab", SAB, str(tmp_path / "r"))
+  out_s = export_lib.export(_OneDense(*shape), {"proj": syn}, "sab", SAB, str(tmp_path / "s"), verify=False)
   for k in ("binarized_bytes", "bits_per_weight", "formula_bits_per_weight", "nominal_bits", "binarized_weights"):
     assert out_s[k] == out_r[k], k
-  lr = checkpoint.read_manifest(str(tmp_path / "r"))["layers"]
-  ls = checkpoint.read_manifest(str(tmp_path / "s"))["layers"]
+  lr = export_lib.read_manifest(str(tmp_path / "r"))["layers"]
+  ls = export_lib.read_manifest(str(tmp_path / "s"))["layers"]
   assert ls == lr
   # The synthetic export loads (its parts decode and dequantize).
-  loaded, _ = checkpoint.load(str(tmp_path / "s"), _OneDense(*shape))
+  loaded, _ = export_lib.load(str(tmp_path / "s"), _OneDense(*shape))
   assert np.all(np.isfinite(np.asarray(loaded.proj.kernel[...])))
 
 
@@ -100,13 +101,13 @@ def test_benchmark_runs_on_the_test_variant(tmp_path):
   rows = {r["config"]: r for r in report["rows"]}
   assert list(rows) == ["a", "b", "c"]
   model = export_size.abstract_model(export_size.llava.VARIANTS["test"])
-  n_params = sum(int(np.prod(v.get_value().shape)) for v in checkpoint._params(model).values())
+  n_params = sum(int(np.prod(v.get_value().shape)) for v in paths.params(model).values())
   assert report["total_params"] == n_params
   for c, r in rows.items():
     d = tmp_path / "w" / c
     assert r["model_bytes"] == sum(os.path.getsize(os.path.join(p, f)) for p, _, fs in os.walk(d) for f in fs)
     assert r["fp16_bytes"] == 2 * n_params
-    manifest = checkpoint.read_manifest(str(d))
+    manifest = export_lib.read_manifest(str(d))
     assert r["binarized_bytes"] == sum(l["bits"]["stored_bytes"] for l in manifest["layers"])
     assert r["binarized_layers"] == len(manifest["layers"])
     assert manifest["totals"]["params_bytes"] == r["params_bytes"]
@@ -115,7 +116,7 @@ def test_benchmark_runs_on_the_test_variant(tmp_path):
   assert rows["a"]["params_bytes"] > rows["b"]["params_bytes"] > rows["c"]["params_bytes"]
   assert rows["a"]["decoder_bytes"] == rows["c"]["decoder_bytes"]
   assert all(p.startswith("language_model.layers.")
-             for p in (l["path"] for l in checkpoint.read_manifest(str(tmp_path / "w" / "a"))["layers"]))
+             for p in (l["path"] for l in export_lib.read_manifest(str(tmp_path / "w" / "a"))["layers"]))
 
 
 def test_benchmark_imports_without_ml_collections_tfds_grain():
