@@ -89,7 +89,7 @@ def synthetic_structured_sab(shape: tuple[int, int], provider: providers.Sab,
   numbers; `w_hat` is abstract (export it with verify=False).
 
   Same group size, salient-row budget (min(budget, real rows) per group, as `_top_rows`
-  picks) and bit count (`bits_core.salient_split_bits`) as `base.salient_split_ptq`;
+  picks) and bit count (`bits_core.salient_split_bits`) as `salient_split.salient_split_ptq`;
   sparse parts hold their fill values where the provider leaves them (residual_signs
   False and alpha_in[:, 1] 1.0 off the salient rows).
   """
@@ -109,8 +109,9 @@ def synthetic_structured_sab(shape: tuple[int, int], provider: providers.Sab,
   residual[salient] = _random_bits(rng, (int(salient.sum()), n_out))
   alpha_in = _random_scales(rng, (n_in, 2))
   alpha_in[~salient, 1] = 1.0
-  parts = {"signs": _random_bits(rng, (n_in, n_out)), "residual_signs": residual, "salient_rows": salient,
-           "alpha_in": alpha_in, "alpha_out": _random_scales(rng, (len(rows), 3, n_out))}
+  parts = provider.from_arrays({"signs": _random_bits(rng, (n_in, n_out)), "residual_signs": residual,
+                                "salient_rows": salient, "alpha_in": alpha_in,
+                                "alpha_out": _random_scales(rng, (len(rows), 3, n_out))})
   bits = bits_core.salient_split_bits(n_in, n_out, block_rows=rows, salient_per_block=per_group, mode="rc",
                                       split=False)
   return providers.Binarized(jax.ShapeDtypeStruct((n_in, n_out), jnp.float32), bits.nominal_bits,

@@ -38,8 +38,8 @@ import numpy as np
 from jax.experimental import pallas as pl
 
 from sab_jax.kernels import packed_layer, packed_matmul
-from sab_jax.models import packed
 from sab_jax.quant import providers
+from sab_jax.serve import packed
 
 H200_WARP_ISSUE_PER_S = 132 * 4 * 1.98e9
 # POPC results per second: 16 per clock per SM on compute capability 9.0 (CUDA C++
@@ -119,16 +119,15 @@ def main():
 
   rng = np.random.default_rng(0)
   results = []
-  sab, xnor = providers.METHODS["sab"](structured=True), providers.METHODS["xnor"]()
   for k, n in ((4096, 11008), (11008, 4096)):
     signs = rng.random((k, n)) < 0.5
-    xparts = {"signs": signs, "alpha_out": rng.uniform(0.005, 0.02, n).astype(jnp.bfloat16)}
+    xparts = providers.XnorParts(signs=signs, alpha_out=rng.uniform(0.005, 0.02, n).astype(jnp.bfloat16))
     sparts = structured_parts(rng, k, n)
     for m in (1, 16):
       x = jnp.zeros((m, k), jnp.bfloat16)
-      for name, provider, parts in (("xnor", xnor, xparts), ("sab_structured", sab, sparts)):
+      for name, parts in (("xnor", xparts), ("sab_structured", sparts)):
         variants = {}
-        planes = packed.planes_for(provider, parts, k)
+        planes = packed.planes_for(parts)
         specs, arrays = [s for s, _ in planes], [{kk: jnp.asarray(v) for kk, v in a.items()} for _, a in planes]
         # per_plane: one launch per plane, as `apply_planes` calls it
         for idx, (spec, a) in enumerate(zip(specs, arrays)):
@@ -140,7 +139,7 @@ def main():
           per_program = -(-(rows // spec.chunk) // splits)
           variants[f"per_plane/plane{idx}"] = (fn, (xl, a["bits"], a["col_scale"]), bn, splits,
                                                [(per_program, spec.chunk, spec.n_lhs)])
-        planes = packed.planes_for(provider, parts, k, one_lhs=True)  # as PackedDense(kernel="fused")
+        planes = packed.planes_for(parts, one_lhs=True)  # as PackedDense(kernel="fused")
         layout, fa = packed_layer.prepare([a for _, a in planes], [s.group_size for s, _ in planes], n)
         fa = [{kk: jnp.asarray(v) for kk, v in a.items()} for a in fa]
         variants["fused"] = (functools.partial(packed_layer.layer_matmul, layout=layout), (x, fa), layout.block_n,

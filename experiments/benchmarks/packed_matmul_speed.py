@@ -9,7 +9,7 @@ Rows of the table:
   xla_unpack      the sign bits unpacked to bf16 inside XLA, then the GEMM (one plane, XNOR layout)
   kernel_xnor     the Pallas kernel on an XNOR layer (one plane, B ⊙ α_out) as served (`apply_planes`)
   xla_trivial_op  `x * 2`: what one XLA launch costs inside the timing loop
-  kernel_sab_s    the whole structured-SAB layer as served (`models.packed.apply_planes`: the
+  kernel_sab_s    the whole structured-SAB layer as served (`serve.packed.apply_planes`: the
                   sign plane with two row-scale sets + the gathered residual plane + glue)
   *_fused         the same layer through `kernels.packed_layer` (one launch for all planes,
                   K splits summed by XLA); *_fused_atomic: K splits added atomically
@@ -53,7 +53,7 @@ import numpy as np
 
 from sab_jax.export import packing
 from sab_jax.kernels import packed_layer, packed_matmul
-from sab_jax.models import packed
+from sab_jax.serve import packed
 from sab_jax.quant import providers
 
 SHAPES = ((4096, 11008), (11008, 4096))
@@ -68,11 +68,10 @@ def structured_parts(rng, n_in, n_out, group=512, n_salient=41):
     sal[rng.choice(r, min(n_salient, len(r)), replace=False)] = True
   a_in = rng.uniform(0.5, 1.5, (n_in, 2)).astype(np.float32)
   a_in[~sal, 1] = 1.0
-  return {"signs": rng.random((n_in, n_out)) < 0.5,
-          "residual_signs": (rng.random((n_in, n_out)) < 0.5) & sal[:, None],
-          "salient_rows": sal,
-          "alpha_in": a_in.astype(jnp.bfloat16),
-          "alpha_out": (rng.uniform(0.005, 0.02, (-(-n_in // group), 3, n_out))).astype(jnp.bfloat16)}
+  return providers.SalientSplitParts(
+      signs=rng.random((n_in, n_out)) < 0.5, residual_signs=(rng.random((n_in, n_out)) < 0.5) & sal[:, None],
+      salient_rows=sal, alpha_in=a_in.astype(jnp.bfloat16),
+      alpha_out=(rng.uniform(0.005, 0.02, (-(-n_in // group), 3, n_out))).astype(jnp.bfloat16), group=group, mode="rc")
 
 
 def amortised_us(fn, copies, x, *, calls_target, repeats, trace=False):
@@ -203,8 +202,7 @@ def print_row(entry):
 def sweep(layers, parts, n_copies_, x, n, kd, *, calls, on_gpu):
   """Device time of the fused kernel's tilings on the structured-SAB layer."""
   out = {}
-  sab = layers["kernel_sab_s_fused"]
-  planes = packed.planes_for(sab.provider, parts, sab.in_features, one_lhs=True)
+  planes = packed.planes_for(parts, one_lhs=True)
   sizes, planes = [s.group_size for s, _ in planes], [a for _, a in planes]
   for bn in (32, 64, 128):
     for splits in (4, 8, 16):
@@ -247,25 +245,23 @@ def main():
   device = jax.devices()[0].device_kind
   print(f"device: {device} ({jax.default_backend()}), jax {jax.__version__}")
   rows, checks = [], {}
-  sab = providers.METHODS["sab"](structured=True)
 
   for k, n in shapes:
     signs = rng.random((k, n)) < 0.5
     bits = jnp.asarray(packing.pack_bits(signs))
     col = jnp.asarray(rng.uniform(0.005, 0.02, (1, 1, n)).astype(jnp.bfloat16).astype(np.float32))
     parts = structured_parts(rng, k, n)
-    xnor = providers.METHODS["xnor"]()
-    xparts = {"signs": signs, "alpha_out": np.asarray(col[0, 0]).astype(jnp.bfloat16)}
+    xparts = providers.XnorParts(signs=signs, alpha_out=np.asarray(col[0, 0]).astype(jnp.bfloat16))
     layers = {  # row name -> the layer as the packed model serves it
-        "kernel_xnor": (xnor, xparts, "per_plane", "bf16"), "kernel_sab_s": (sab, parts, "per_plane", "bf16"),
-        "kernel_xnor_fused": (xnor, xparts, "fused", "bf16"), "kernel_sab_s_fused": (sab, parts, "fused", "bf16"),
+        "kernel_xnor": (xparts, "per_plane", "bf16"), "kernel_sab_s": (parts, "per_plane", "bf16"),
+        "kernel_xnor_fused": (xparts, "fused", "bf16"), "kernel_sab_s_fused": (parts, "fused", "bf16"),
         # int8 activations: the popcount kernel (an approximation; M <= 4 rows only)
-        "kernel_xnor_int8": (xnor, xparts, "fused", "int8"), "kernel_sab_s_int8": (sab, parts, "fused", "int8")}
-    layers = {name: packed.PackedDense(prov, pa, k, n, bias=None, dtype=jnp.float32, mode="kernel", kernel_dtype=kd,
+        "kernel_xnor_int8": (xparts, "fused", "int8"), "kernel_sab_s_int8": (parts, "fused", "int8")}
+    layers = {name: packed.PackedDense(pa, bias=None, dtype=jnp.float32, mode="kernel", kernel_dtype=kd,
                                        kernel=kern, activations=act)
-              for name, (prov, pa, kern, act) in layers.items()}
-    auto_mode = packed.PackedDense(sab, parts, k, n, bias=None, dtype=jnp.float32, mode="auto").mode
-    dq = packed.PackedDense(sab, parts, k, n, bias=None, dtype=jnp.float32, mode="dequant")
+              for name, (pa, kern, act) in layers.items()}
+    auto_mode = packed.PackedDense(parts, bias=None, dtype=jnp.float32, mode="auto").mode
+    dq = packed.PackedDense(parts, bias=None, dtype=jnp.float32, mode="dequant")
     arrays = {name: [{kk: v[...] for kk, v in p.items()} for p in layer.planes] for name, layer in layers.items()}
     nbytes = {name: sum(int(v.nbytes) for p in a for v in p.values()) for name, a in arrays.items()}
 

@@ -24,6 +24,7 @@ from tqdm import tqdm
 from sab_jax import distributed, sharding as sharding_lib
 from sab_jax.calib import hessian
 from sab_jax.models import llama
+from sab_jax.models import paths as module_paths
 from sab_jax.models.llava import Llava
 from sab_jax.quant import rules as rules_lib
 from sab_jax.quant.providers.base import Binarized, LayerStats, Provider
@@ -40,46 +41,22 @@ class Capture(nnx.Module):
     return self.inner(x)
 
 
-def _parent_and_key(root: nnx.Module, path: Sequence[Any]):
-  node = root
-  for p in path[:-1]:
-    node = node[p] if isinstance(p, int) else getattr(node, p)
-  return node, path[-1]
-
-
-def _swap(root: nnx.Module, path: Sequence[Any], new: nnx.Module) -> None:
-  parent, key = _parent_and_key(root, path)
-  if isinstance(key, int):
-    parent[key] = new
-  else:
-    setattr(parent, key, new)
-
-
-def _get(root: nnx.Module, path: Sequence[Any]) -> nnx.Module:
-  parent, key = _parent_and_key(root, path)
-  return parent[key] if isinstance(key, int) else getattr(parent, key)
-
-
-def _split(path: str) -> list[Any]:
-  return [int(p) if p.isdigit() else p for p in path.split(".")]
-
-
 @contextlib.contextmanager
 def capturing(root: nnx.Module, paths: Sequence[str]):
   """Temporarily wraps the Dense layers at `paths` (relative to root) in `Capture`."""
-  originals = {p: _get(root, _split(p)) for p in paths}
+  originals = {p: module_paths.get(root, p) for p in paths}
   for p, m in originals.items():
-    _swap(root, _split(p), Capture(m))
+    module_paths.replace(root, p, Capture(m))
   try:
     yield
   finally:
     for p, m in originals.items():
-      _swap(root, _split(p), m)
+      module_paths.replace(root, p, m)
 
 
 def _sown_inputs(intermediates: nnx.State) -> dict[str, jax.Array]:
   """Sown inputs by dotted path of the wrapped layer (relative to the captured module)."""
-  return {".".join(str(p) for p in path[:-1]): v.get_value()[0] for path, v in nnx.to_flat_state(intermediates)}
+  return {module_paths.dotted(path[:-1]): v.get_value()[0] for path, v in nnx.to_flat_state(intermediates)}
 
 
 @nnx.jit
@@ -112,7 +89,7 @@ class LayerResult:
 
 
 def _binarize_one(model: Llava, path: str, acc: hessian.Accumulator, provider: Provider) -> LayerResult:
-  dense = _get(model, _split(path))
+  dense = module_paths.get(model, path)
   w = dense.kernel[...]
   stats: LayerStats = acc.stats()
   if not w.is_fully_addressable:  # FSDP across processes: every process binarizes the whole layer alike

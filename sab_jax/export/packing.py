@@ -9,23 +9,15 @@ padding. A 1-D bool array `[n]` packs to `[ceil(n/32)]` the same way.
 the others (bf16 scales, int8 values) as they are. Parts never hold uint32 arrays, so a
 uint32 entry of a packed dict always means packed bits.
 
-Providers keep some parts dense although only a subset of their entries is meaningful
-(`bits_core` counts only that subset). `compact_parts` stores such a part as the 1-D
-vector of its meaningful entries (`SPARSE_LAYOUT` says which), `expand_parts` puts them
-back and fills the rest with the value the provider leaves there, so the round trip is
-exact part for part:
-
-  residual_signs  entries of the salient rows (`salient_rows`)          fill False
-  group_hi        entries of the non-salient rows                        fill False
-  alpha_in        column 0 of every row, column 1 of the salient rows
-                  (only without group_hi: SAB / ARB-RC structured)      fill 1.0
-  int_values      entries of `salient_mask` (PB-LLM)                     fill 0
-  signs           entries off `salient_mask` (PB-LLM)                    fill False
-
-A position set that is cheaper as a list than as a bitmap (PB-LLM's `salient_mask` at a
-small salient fraction: 0.5% salient weights cost 0.08 bits/weight as 16-bit positions
-against 1 bit as a plane) is stored as its sorted flat positions (`POSITION_PARTS`;
-uint16 when the layer has <= 2**16 weights, else int32: uint32 means packed bits here).
+A method's typed parts (`quant.providers.base.Parts`) keep some parts dense although only
+a subset of their entries is meaningful (`bits_core` counts only that subset); the layout
+class says which (`Parts.storage`: a selector and the fill elsewhere, e.g. the residual
+plane only on the salient rows). `compact_parts` stores such a part as the 1-D vector of
+its meaningful entries, `expand_parts` puts them back with the fill, so the round trip is
+exact part for part. Bool parts the layout names in `Parts.POSITIONS` (PB-LLM's
+`salient_mask`: 0.5% salient weights cost 0.08 bits/weight as 16-bit positions against 1
+bit as a plane) are stored as their sorted flat positions when that is smaller than the
+plane (uint16 when the layer has <= 2**16 weights, else int32: uint32 means packed bits).
 
 A compacted vector lists the selected entries column by column, inputs ascending within
 a column (`x.T[m.T]`), i.e. still in input order. Packed, it costs at most 31 padding
@@ -38,7 +30,7 @@ where `bits_core` counts the cheaper of a bitmap and an index list per block.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -120,72 +112,46 @@ def unpacked_parts(packed: Mapping[str, Any], shapes: Mapping[str, tuple[int, ..
   return out
 
 
-# --- sparse layout --------------------------------------------------------------------------
-
-def _rows(flags: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-  return np.broadcast_to(flags.reshape((-1,) + (1,) * (len(shape) - 1)), shape)
-
-
-def _alpha_in_select(parts, shape):
-  sal = np.asarray(parts["salient_rows"], bool)
-  return np.stack([np.ones_like(sal), sal], axis=1)
-
-
-# part -> (condition on the part names, selector(parts, shape) -> bool mask of the part's shape, fill)
-_Rule = tuple[Callable[[Mapping[str, Any]], bool], Callable[[Mapping[str, Any], tuple], np.ndarray], Any]
-SPARSE_LAYOUT: dict[str, _Rule] = {
-    "residual_signs": (lambda p: "salient_rows" in p,
-                       lambda p, s: _rows(np.asarray(p["salient_rows"], bool), s), False),
-    "group_hi": (lambda p: "salient_rows" in p,
-                 lambda p, s: _rows(~np.asarray(p["salient_rows"], bool), s), False),
-    "alpha_in": (lambda p: "salient_rows" in p and "group_hi" not in p, _alpha_in_select, 1.0),
-    "int_values": (lambda p: "salient_mask" in p,
-                   lambda p, s: np.asarray(p["salient_mask"], bool), 0),
-    "signs": (lambda p: "salient_mask" in p,
-              lambda p, s: ~np.asarray(p["salient_mask"], bool), False),
-}
-
-
-# Boolean parts stored as a list of their True positions when that is smaller than the plane.
-POSITION_PARTS = ("salient_mask",)
-
+# --- sparse layout (the layout class says which parts and entries) -------------------------------
 
 def position_dtype(n: int) -> np.dtype:
   return np.dtype(np.uint16) if n <= 2**16 else np.dtype(np.int32)
 
 
-def as_positions(parts: Mapping[str, Any]) -> list[str]:
+def as_positions(parts: Any) -> list[str]:
   """Names of the bool parts `compact_parts` stores as position lists (cheaper than bitmaps)."""
   out = []
-  for k in POSITION_PARTS:
-    if k in parts and np.asarray(parts[k]).dtype == np.bool_:
-      m = np.asarray(parts[k])
+  arrays = parts.arrays()
+  for k in type(parts).POSITIONS:
+    if k in arrays and np.asarray(arrays[k]).dtype == np.bool_:
+      m = np.asarray(arrays[k])
       if int(m.sum()) * 8 * position_dtype(m.size).itemsize < packed_rows(m.shape[0]) * WORD_BITS * (m.size // m.shape[0]):
         out.append(k)
   return out
 
 
-def sparse_parts(parts: Mapping[str, Any]) -> list[str]:
+def sparse_parts(parts: Any) -> list[str]:
   """Names of the parts `compact_parts` stores as vectors of their meaningful entries."""
-  return [k for k in parts if k in SPARSE_LAYOUT and SPARSE_LAYOUT[k][0](parts)]
+  return list(type(parts).storage(parts.arrays()))
 
 
 def _gather(x: np.ndarray, m: np.ndarray) -> np.ndarray:
   return x.T[m.T]
 
 
-def compact_parts(parts: Mapping[str, Any]) -> dict[str, np.ndarray]:
-  """Parts with every sparse part (`SPARSE_LAYOUT`) replaced by the 1-D vector of its
-  meaningful entries; the others as numpy, unchanged.
+def compact_parts(parts: Any) -> dict[str, np.ndarray]:
+  """The arrays of typed `parts` with every sparse part (`Parts.storage`) replaced by the 1-D
+  vector of its meaningful entries and position parts by their positions; the others as
+  numpy, unchanged.
 
   Raises ValueError if a sparse part holds something other than its fill value off its
   selection (the layout could not rebuild it exactly).
   """
-  out = {k: np.asarray(v) for k, v in parts.items()}
-  for k in sparse_parts(parts):
-    _, select, fill = SPARSE_LAYOUT[k]
+  arrays = {k: np.asarray(v) for k, v in parts.arrays().items()}
+  out = dict(arrays)
+  for k, (select, fill) in type(parts).storage(arrays).items():
     x = out[k]
-    m = select(parts, x.shape)
+    m = select(arrays, x.shape)
     off = x[~m]
     if off.size and not np.all(off == np.asarray(fill, x.dtype)):
       raise ValueError(f"part {k!r} holds values other than {fill!r} outside the entries the sparse "
@@ -196,14 +162,15 @@ def compact_parts(parts: Mapping[str, Any]) -> dict[str, np.ndarray]:
   return out
 
 
-def expand_parts(compact: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
-  """Inverse of `compact_parts`: `shapes[k]` is part k's full shape.
+def expand_parts(compact: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]], layout: type
+                 ) -> dict[str, np.ndarray]:
+  """Inverse of `compact_parts` for a `layout` class: `shapes[k]` is part k's full shape.
 
   Raises ValueError when a compacted vector's length differs from the number of entries
   its selector (decoded from the other parts) marks.
   """
   out = {k: np.asarray(v) for k, v in compact.items()}
-  for k in POSITION_PARTS:  # position lists first: the sparse selectors read these masks
+  for k in layout.POSITIONS:  # position lists first: the sparse selectors read these masks
     if k in out and out[k].dtype != np.bool_:
       shape = tuple(shapes[k])
       pos = out[k].astype(np.int64)
@@ -212,8 +179,8 @@ def expand_parts(compact: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...
       mask = np.zeros(math.prod(shape), bool)
       mask[pos] = True
       out[k] = mask.reshape(shape)
-  for k in sparse_parts(out):
-    _, select, fill = SPARSE_LAYOUT[k]
+  rules = layout.storage(out)
+  for k, (select, fill) in rules.items():
     shape = tuple(shapes[k])
     m = select(out, shape)
     v = out[k]
@@ -226,12 +193,13 @@ def expand_parts(compact: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...
   return out
 
 
-def encode_parts(parts: Mapping[str, Any]) -> dict[str, np.ndarray]:
-  """What the exporter writes: `packed_parts(compact_parts(parts))`."""
+def encode_parts(parts: Any) -> dict[str, np.ndarray]:
+  """What the exporter writes for typed `parts`: `packed_parts(compact_parts(parts))`."""
   return packed_parts(compact_parts(parts))
 
 
 def decode_parts(stored: Mapping[str, Any], compact_shapes: Mapping[str, tuple[int, ...]],
-                 shapes: Mapping[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
-  """Inverse of `encode_parts` given each part's compacted and full shapes."""
-  return expand_parts(unpacked_parts(stored, compact_shapes), shapes)
+                 shapes: Mapping[str, tuple[int, ...]], layout: type) -> dict[str, np.ndarray]:
+  """Inverse of `encode_parts` given each part's compacted and full shapes: the arrays of
+  a `layout` (`provider.from_arrays` makes them typed parts)."""
+  return expand_parts(unpacked_parts(stored, compact_shapes), shapes, layout)

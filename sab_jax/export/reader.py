@@ -2,7 +2,7 @@
 
 `read` checks an export against a model template and returns the decoded parts of every
 binarized layer and the values of every other param (what a packed inference model is
-built from); `load` is `read` + each provider's dequantizer, into a copy of the template.
+built from); `load` is `read` + each layout's dequantizer, into a copy of the template.
 
 Every refusal is one line naming the export directory, what is wrong and the fix:
   * `sab_jax.errors.DamagedExport` when the files are not what the writer wrote: a missing
@@ -42,6 +42,7 @@ from sab_jax.export.int8 import INT8_DTYPE, SCALE_DTYPE, dequantize_int8
 from sab_jax.export.manifest import (MANIFEST, REEXPORT, STATE, array_checksum, flatten, jsonable, nest,
                                      provider_from_spec, read_manifest)
 from sab_jax.models import paths
+from sab_jax.quant.providers.base import Parts, dequantize
 
 TREES = ("layers", "params", "int8_params", "int8_scales")
 _FIX = ("the export and the template disagree: build the template from the manifest's model_config, "
@@ -49,8 +50,8 @@ _FIX = ("the export and the template disagree: build the template from the manif
 _DAMAGED = f"the export is damaged: {REEXPORT}"
 
 
-def decode_layer(stored: Mapping[str, Any], part_specs: Mapping[str, Mapping[str, Any]]) -> dict[str, np.ndarray]:
-  """The parts of one binarized layer from its stored arrays (inverse of the writer's encoding).
+def decode_layer(stored: Mapping[str, Any], part_specs: Mapping[str, Mapping[str, Any]], provider: Any) -> Parts:
+  """The typed parts of one binarized layer from its stored arrays (inverse of the writer's encoding).
 
   The one place the reader turns stored arrays into parts (`writer.export(verify=True)`
   decodes with it too).
@@ -58,15 +59,24 @@ def decode_layer(stored: Mapping[str, Any], part_specs: Mapping[str, Mapping[str
   Args:
     stored: {part name: the array as stored}.
     part_specs: the layer's `parts` in the manifest (each part's `shape` and `compact_shape`).
+    provider: the manifest's provider: its layout says how the parts were stored
+      (`Parts.storage`) and `provider.from_arrays` types them.
 
   Returns:
-    {part name: numpy array}, exactly as the provider produced it.
+    The provider's typed parts, exactly as it produced them (invariants checked).
 
   Raises:
-    ValueError: for stored arrays that do not decode to the declared shapes.
+    ValueError: for stored arrays that do not decode to the declared shapes or break the
+      layout's invariants.
   """
-  return packing.decode_parts(stored, {k: tuple(ps["compact_shape"]) for k, ps in part_specs.items()},
-                              {k: tuple(ps["shape"]) for k, ps in part_specs.items()})
+  arrays = packing.decode_parts(stored, {k: tuple(ps["compact_shape"]) for k, ps in part_specs.items()},
+                                {k: tuple(ps["shape"]) for k, ps in part_specs.items()}, provider.parts_class)
+  for k, ps in part_specs.items():
+    if str(arrays[k].dtype) != ps["dtype"]:
+      raise ValueError(f"part {k!r} decodes to {arrays[k].dtype}, the manifest declares {ps['dtype']}")
+  parts = provider.from_arrays(arrays)
+  parts.check()
+  return parts
 
 
 # --- the orbax state ------------------------------------------------------------------------
@@ -249,21 +259,16 @@ def _check_int8(directory: str, manifest: Mapping[str, Any], state: Mapping[str,
   return dict(stored_scales)
 
 
-def _decode_layers(directory: str, specs: Mapping[str, Any], stored: dict[str, dict[str, np.ndarray]]
-                   ) -> dict[str, dict[str, np.ndarray]]:
-  """Decoded parts by layer, their dtypes vs the manifest's (consumes `stored` layer by layer)."""
-  out: dict[str, dict[str, np.ndarray]] = {}
+def _decode_layers(directory: str, specs: Mapping[str, Any], stored: dict[str, dict[str, np.ndarray]],
+                   provider: Any) -> dict[str, Parts]:
+  """Typed parts by layer (consumes `stored` layer by layer)."""
+  out: dict[str, Parts] = {}
   for path, spec in specs.items():
     try:
-      parts = decode_layer(stored.pop(path), spec["parts"])
+      out[path] = decode_layer(stored.pop(path), spec["parts"], provider)
     except ValueError as e:
       raise DamagedExport(f"{directory}: layer {path!r} does not decode: {e}; the export is damaged or its "
                           f"manifest was edited: {REEXPORT}") from None
-    for k, ps in spec["parts"].items():
-      if str(parts[k].dtype) != ps["dtype"]:
-        raise DamagedExport(f"{directory}: part {k!r} of layer {path!r} decodes to {parts[k].dtype}, the manifest "
-                            f"declares {ps['dtype']}; {REEXPORT}")
-    out[path] = parts
   return out
 
 
@@ -282,10 +287,9 @@ def read(directory: str, model_template: nnx.Module
     model_template: a model of the exported structure.
 
   Returns:
-    (manifest, layers, params). `layers`: {dotted Dense path: {part name: numpy array}},
-    each binarized layer's parts decoded exactly as the provider produced them (bool
-    planes unpacked, sparse parts expanded with their fill values);
-    `provider_from_spec(manifest["provider"]).dequantize(parts, in)` rebuilds its kernel.
+    (manifest, layers, params). `layers`: {dotted Dense path: typed parts}, each binarized
+    layer's parts decoded exactly as the provider produced them (bool planes unpacked,
+    sparse parts expanded with their fill values); `parts.dequantize()` rebuilds its kernel.
     `params`: {dotted param path: numpy float array} for every non-binarized `nnx.Param`:
     the stored bf16 array, or for an int8 param `float32(q) · float32(scale)` (float32).
     Casting to the template's dtype is the caller's business.
@@ -298,7 +302,7 @@ def read(directory: str, model_template: nnx.Module
   """
   directory = os.path.abspath(directory)
   manifest = read_manifest(directory)
-  provider_from_spec(manifest["provider"])  # refuse an unknown provider before reading arrays
+  provider = provider_from_spec(manifest["provider"])  # refuse an unknown provider before reading arrays
   _check_config(directory, manifest, model_template)
   state = _restore(directory)
   _check_checksums(directory, manifest, state)
@@ -306,7 +310,7 @@ def read(directory: str, model_template: nnx.Module
   stored_params = _check_params(directory, manifest, state, model_template)
   scales = _check_int8(directory, manifest, state)
   del state
-  layers = _decode_layers(directory, specs, stored_layers)
+  layers = _decode_layers(directory, specs, stored_layers, provider)
   params = {p: dequantize_int8(a, scales[p]) if p in scales else a for p, a in stored_params.items()}
   return manifest, layers, params
 
@@ -314,8 +318,8 @@ def read(directory: str, model_template: nnx.Module
 def load(directory: str, model_template: nnx.Module) -> tuple[nnx.Module, dict[str, Any]]:
   """Restores an export into a copy of `model_template`.
 
-  Each binarized kernel is set to `provider.dequantize(parts, in)` with the provider the
-  manifest names, cast to the template's kernel dtype; every other Param to its stored
+  Each binarized kernel is set to its parts' `dequantize()` (the layout of the provider the
+  manifest names), cast to the template's kernel dtype; every other Param to its stored
   bf16 value (int8 params: `float32(q) · float32(scale)`) cast to the template's dtype.
 
   Args:
@@ -332,14 +336,13 @@ def load(directory: str, model_template: nnx.Module) -> tuple[nnx.Module, dict[s
   """
   directory = os.path.abspath(directory)
   manifest, parts_by_layer, param_values = read(directory, model_template)
-  provider = provider_from_spec(manifest["provider"])
 
   model = nnx.clone(model_template)
   params = paths.params(model)
   values: dict[str, Any] = {}
   for path, parts in parts_by_layer.items():
     kernel = params[f"{path}.kernel"].get_value()
-    w = provider.dequantize({k: jnp.asarray(v) for k, v in parts.items()}, kernel.shape[0])
+    w = dequantize(parts)
     if tuple(w.shape) != tuple(kernel.shape):
       raise UserError(f"{directory}: layer {path!r} dequantizes to {tuple(w.shape)}, the template's kernel is "
                       f"{tuple(kernel.shape)}; {_FIX}")

@@ -45,6 +45,7 @@ from sab_jax.export.int8 import int8_axis, quantize_int8
 from sab_jax.export.manifest import (FORMAT_VERSION, PARAM_DTYPE, STATE, array_checksum, flatten, jsonable, nest,
                                      provider_spec, write_manifest)
 from sab_jax.models import paths
+from sab_jax.quant.providers.base import Parts, dequantize
 from sab_jax.quant import providers as providers_lib
 
 
@@ -67,7 +68,7 @@ def _dir_bytes(directory: str) -> int:
   return total
 
 
-def _layer_arrays(parts: Mapping[str, Any]) -> tuple[dict[str, np.ndarray], dict[str, dict[str, Any]]]:
+def _layer_arrays(parts: Parts) -> tuple[dict[str, np.ndarray], dict[str, dict[str, Any]]]:
   """The arrays stored for one binarized layer and their manifest part specs.
 
   The one place the writer turns parts into stored arrays (`reader.decode_layer` is the
@@ -76,13 +77,14 @@ def _layer_arrays(parts: Mapping[str, Any]) -> tuple[dict[str, np.ndarray], dict
   compact = packing.compact_parts(parts)
   stored = packing.packed_parts(compact)
   sparse, positions = set(packing.sparse_parts(parts)), set(packing.as_positions(parts))
+  arrays = parts.arrays()
   specs = {
-      k: {"dtype": str(parts[k].dtype), "shape": list(parts[k].shape),
+      k: {"dtype": str(arrays[k].dtype), "shape": list(arrays[k].shape),
           "layout": "positions" if k in positions else "sparse" if k in sparse else "dense",
           "compact_shape": list(compact[k].shape),
           "stored_dtype": str(stored[k].dtype), "stored_shape": list(stored[k].shape),
           "packed": stored[k].dtype == np.uint32}
-      for k in parts}
+      for k in arrays}
   return stored, specs
 
 
@@ -182,10 +184,12 @@ def export(model: nnx.Module, layers: Mapping[str, Any], method: str, provider: 
     if verify and _is_abstract(b.w_hat):
       raise ValueError(f"layer {path!r}: w_hat is abstract ({b.w_hat}), so verify=True has nothing to "
                        f"compare the decoded parts with; pass verify=False")
-    stored, part_specs = _layer_arrays({k: distributed.host_value(v) for k, v in b.parts.items()})
+    if not isinstance(b.parts, provider.parts_class):
+      raise ValueError(f"layer {path!r}: parts {type(b.parts).__name__} are not {provider!r}'s "
+                       f"{provider.parts_class.__name__}")
+    stored, part_specs = _layer_arrays(b.parts.map(distributed.host_value))
     if verify:
-      decoded = reader.decode_layer(stored, part_specs)
-      w = provider.dequantize({k: jnp.asarray(v) for k, v in decoded.items()}, shape[0])
+      w = dequantize(reader.decode_layer(stored, part_specs, provider))
       if not np.array_equal(np.asarray(w), np.asarray(b.w_hat)):
         raise RuntimeError(f"layer {path!r}: the stored parts do not rebuild w_hat exactly")
     nbytes = sum(v.nbytes for v in stored.values())

@@ -27,7 +27,7 @@ an unpack and a multiply-add per weight,
 `int8_reference` computes the same quantized sum in XLA.
 
 Plane p of a layer computes Σ_l Σ_g α_c[g, l] ⊙ ((x_p ⊙ α_r[l])_g @ B_g) with
-x_p = x[:, rows] for a gathered plane (see `sab_jax.models.packed.planes_for`).
+x_p = x[:, rows] for a gathered plane (see `sab_jax.serve.packed.planes_for`).
 `interpret=True` runs the kernel on CPU; the tests compare it with float64.
 """
 

@@ -5,7 +5,7 @@ is 90 MB, its sign bits 5.6 MB. Unpacking the bits in XLA first writes and re-re
 dense matrix and loses most of that; this kernel reads each 32-bit word once and expands
 it to ±1 in registers.
 
-A binarized layer is a short sum of *planes* (`sab_jax.models.packed.planes_for`):
+A binarized layer is a short sum of *planes* (`sab_jax.serve.packed.planes_for`):
 
   y[m, n] = Σ_planes Σ_l Σ_g col[g, l, n] · Σ_{k ∈ group g} x[m, k] · lhs[l, k] · B[k, n]
 

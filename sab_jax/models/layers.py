@@ -5,8 +5,11 @@ Every parameter carries logical axis names (`embed`, `mlp`, `heads`, ...) in its
 so the model code never mentions devices. Sharding is applied explicitly by the
 caller (eval_shape -> jit(out_shardings)), hence `eager_sharding=False`.
 
-Every linear layer is built through a `DenseFactory` (default: `Dense`), the one
-seam through which binarized layers replace full-precision ones.
+Every linear layer is built through a `DenseFactory` (default: `Dense`), which picks the
+Dense class for every layer at construction time. Replacing single layers of a built
+model (the binarized student's `BinaryDense`, the packed model's `PackedDense`) goes
+through `models.paths.replace` instead: which layers are binarized is only known once
+the model and the rules meet.
 """
 
 from __future__ import annotations

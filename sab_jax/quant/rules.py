@@ -14,7 +14,7 @@ from typing import Iterable, Sequence
 
 from flax import nnx
 
-from sab_jax.models import layers
+from sab_jax.models import paths
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -37,18 +37,12 @@ def parse(rules: Iterable) -> tuple[BinarizeRule, ...]:
                for r in rules)
 
 
-def dense_layers(model: nnx.Module) -> list[tuple[str, nnx.Module]]:
-  """(dotted path, module) of every Dense layer, in graph order."""
-  return [(".".join(str(p) for p in path), m) for path, m in nnx.iter_graph(model)
-          if isinstance(m, layers.Dense)]
-
-
 def select(model: nnx.Module, rules: Sequence[BinarizeRule]) -> list[str]:
   """Paths of the Dense layers to binarize; raises for a rule that matches nothing."""
   rules = parse(rules)
   used = [False] * len(rules)
   chosen = []
-  for path, _ in dense_layers(model):
+  for path, _ in paths.dense_layers(model):
     for i, rule in enumerate(rules):
       if re.fullmatch(rule.module_path, path):
         used[i] = True
@@ -58,5 +52,8 @@ def select(model: nnx.Module, rules: Sequence[BinarizeRule]) -> list[str]:
   unused = [r.module_path for r, u in zip(rules, used) if not u]
   if unused:
     raise ValueError(f"binarization rule(s) {unused} match no Dense layer; layer paths look like "
-                     f"{dense_layers(model)[0][0]!r}")
+                     f"{paths.dense_layers(model)[0][0]!r}")
   return chosen
+
+# TRANSITION (removed once every caller uses models.paths)
+dense_layers = paths.dense_layers

@@ -1,7 +1,6 @@
 """experiments/benchmarks/export_size.py: its synthetic parts are the structured-SAB layout, and it runs."""
 
 import functools
-import importlib.util
 import json
 import os
 import subprocess
@@ -12,6 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from experiments.benchmarks import export_size
 from sab_jax import export as export_lib
 from sab_jax.export import packing
 from sab_jax.models import layers, paths
@@ -20,9 +20,6 @@ from sab_jax.quant.core import bits_core
 
 REPO = os.path.join(os.path.dirname(__file__), "..", "..")
 SCRIPT = os.path.join(REPO, "experiments", "benchmarks", "export_size.py")
-_spec = importlib.util.spec_from_file_location("export_size", SCRIPT)
-export_size = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(export_size)
 
 SAB = providers.Sab(structured=True)
 
@@ -51,14 +48,17 @@ def _real(shape):
 def test_synthetic_parts_have_the_providers_layout_and_bytes(shape, tmp_path):
   real = _real(shape)
   syn = export_size.synthetic_structured_sab(shape, SAB, np.random.default_rng(1))
-  rp = {k: np.asarray(v) for k, v in real.parts.items()}
+  rp = real.parts.map(np.asarray)
   sp = syn.parts
+  assert type(sp) is type(rp) and sp.meta() == rp.meta()
+  sp.check()
+  rp, sp = rp.arrays(), sp.arrays()
   assert set(sp) == set(rp) == {"signs", "residual_signs", "salient_rows", "alpha_in", "alpha_out"}
   for k in rp:
     assert (sp[k].shape, sp[k].dtype) == (rp[k].shape, rp[k].dtype), k
   n_in = shape[0]
   rows = bits_core.block_rows(n_in, SAB.scale_block)
-  for parts in (rp, sp):
+  for typed, parts in ((real.parts.map(np.asarray), rp), (syn.parts, sp)):
     sal = parts["salient_rows"]
     # Salient rows per 512-row group: round(0.08 * 512) = 41, or all rows of a smaller group.
     assert [int(sal[i * 512:i * 512 + r].sum()) for i, r in enumerate(rows)] == [min(41, r) for r in rows]
@@ -66,8 +66,8 @@ def test_synthetic_parts_have_the_providers_layout_and_bytes(shape, tmp_path):
     assert not parts["residual_signs"][~sal].any() and parts["residual_signs"][sal].any()
     assert np.all(parts["alpha_in"][~sal, 1] == 1.0)  # (a salient row's may be 1.0 too, in bf16)
     assert np.all(parts["alpha_out"].astype(np.float32) != 0)
-    assert set(packing.sparse_parts(parts)) == {"residual_signs", "alpha_in"}
-    packing.compact_parts(parts)  # raises if a sparse part holds anything but its fill off its selection
+    assert set(packing.sparse_parts(typed)) == {"residual_signs", "alpha_in"}
+    packing.compact_parts(typed)  # raises if a sparse part holds anything but its fill off its selection
   assert sp["signs"].mean() == pytest.approx(0.5, abs=0.02)
   assert (syn.stored_bits, syn.nominal_bits) == (real.stored_bits, real.nominal_bits)
   assert syn.w_hat.shape == real.w_hat.shape and syn.w_hat.dtype == real.w_hat.dtype
@@ -88,8 +88,8 @@ def test_synthetic_parts_have_the_providers_layout_and_bytes(shape, tmp_path):
 def test_synthetic_layers_are_lazy_and_deterministic():
   lay = export_size.SyntheticLayers({"a": (64, 32), "b": (96, 16)}, SAB, seed=3)
   assert list(lay) == ["a", "b"] and len(lay) == 2
-  np.testing.assert_array_equal(lay["a"].parts["signs"], lay["a"].parts["signs"])
-  assert not np.array_equal(lay["a"].parts["signs"][:, :16], lay["b"].parts["signs"][:64])
+  np.testing.assert_array_equal(lay["a"].parts.signs, lay["a"].parts.signs)
+  assert not np.array_equal(lay["a"].parts.signs[:, :16], lay["b"].parts.signs[:64])
   with pytest.raises(ValueError, match="not a structured"):
     export_size.synthetic_structured_sab((64, 32), providers.Sab(), np.random.default_rng(0))
 

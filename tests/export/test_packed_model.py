@@ -1,22 +1,17 @@
 """The packed inference model: evaluation from the export answers exactly as the in-memory
 binarized model, on the shipped teacher and a whole test split."""
 
-import importlib.util
-import os
-
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
-from sab_jax import stages
+from sab_jax import config_utils, stages
 from sab_jax.data import synthetic_vqa
 from sab_jax.eval import vqa
-from sab_jax.export import checkpoint
-from sab_jax.models import packed
+from sab_jax.export import writer
+from sab_jax.serve import packed
 from sab_jax.quant import providers
-
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _predictions(ctx, model, max_examples=None):
@@ -30,10 +25,7 @@ def _predictions(ctx, model, max_examples=None):
 
 @pytest.mark.slow
 def test_export_predictions_equal_in_memory_on_the_whole_test_split(tmp_path):
-  spec = importlib.util.spec_from_file_location("demo", os.path.join(REPO, "experiments", "configs", "demo.py"))
-  demo = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(demo)
-  config = demo.get_config("")
+  config = config_utils.load_config("demo", "")
   config.data.data_dir = str(tmp_path / "tfds")
   config.data.config = "tiny"  # calibration data only; the test split below is 'small' (= default's)
   config.quant.calib_samples, config.quant.calib_batch_size, config.quant.progress = 64, 32, False
@@ -53,13 +45,13 @@ def test_export_predictions_equal_in_memory_on_the_whole_test_split(tmp_path):
     ref_table, ref = _predictions(ctx, model)
     assert ref_table["count"] == 2000
     directory = str(tmp_path / name)
-    checkpoint.export(model, layers, name, provider, directory)
+    writer.export(model, layers, name, provider, directory)
     served, _ = packed.from_export(directory, ctx.new_model(), mode="dequant")
     assert any(isinstance(m, packed.PackedDense) for _, m in nnx.iter_graph(served))
     table, got = _predictions(ctx, served)
     assert got == ref, name
     assert table == ref_table
-    if packed.kernel_supports(provider):
+    if next(iter(layers.values())).binarized.parts.planes() is not None:
       # the Pallas kernel (interpret mode here): same answers on the first 250 questions
       fast, _ = packed.from_export(directory, ctx.new_model(), mode="kernel")
       _, got_fast = _predictions(ctx, fast, max_examples=250)
@@ -84,22 +76,21 @@ def test_packed_dense_matches_the_dequantized_kernel(name, n_in, n_out):
               "arb_rc_structured": providers.ArbRc(structured=True)}.get(name) or providers.METHODS[name]()
   w = jnp.asarray(rng.standard_normal((n_in, n_out)).astype(np.float32))
   b = provider(w, _stats(rng, n_in))
-  parts = {k: np.asarray(v) for k, v in b.parts.items()}
+  parts = b.parts.map(np.asarray)
   bias = rng.standard_normal(n_out).astype(np.float32)
   x = jnp.asarray(rng.standard_normal((2, 3, n_in)).astype(np.float32))
   ref = jnp.dot(x, b.w_hat) + bias
-  exact = packed.PackedDense(provider, parts, n_in, n_out, bias=bias, dtype=jnp.float32, mode="dequant")
+  exact = packed.PackedDense(parts, bias=bias, dtype=jnp.float32, mode="dequant")
   assert exact.mode == "dequant" and not any(v.dtype == jnp.float32 and v.ndim == 2 and v.shape == (n_in, n_out)
                                              for v in jax_leaves(exact))
   np.testing.assert_array_equal(np.asarray(exact(x)), np.asarray(ref))
   if name in ("billm", "pbllm"):
-    assert not packed.kernel_supports(provider) and packed.planes_for(provider, parts, n_in) is None
-    with pytest.raises(ValueError, match="does not cover"):
-      packed.PackedDense(provider, parts, n_in, n_out, bias=None, dtype=jnp.float32, mode="kernel")
+    assert parts.planes() is None and packed.planes_for(parts) is None
+    with pytest.raises(ValueError, match="do not cover"):
+      packed.PackedDense(parts, bias=None, dtype=jnp.float32, mode="kernel")
     return
   for kernel in packed.KERNELS:
-    fast = packed.PackedDense(provider, parts, n_in, n_out, bias=bias, dtype=jnp.float32, mode="kernel",
-                              kernel=kernel)
+    fast = packed.PackedDense(parts, bias=bias, dtype=jnp.float32, mode="kernel", kernel=kernel)
     assert fast.mode == "kernel"
     y = np.asarray(fast(x))  # 6 rows: the dot variant
     assert np.abs(y - np.asarray(ref)).max() <= 1e-5 * np.abs(np.asarray(ref)).max(), kernel
@@ -107,15 +98,14 @@ def test_packed_dense_matches_the_dequantized_kernel(name, n_in, n_out):
     assert np.abs(y2 - np.asarray(ref[:1, :2])).max() <= 1e-5 * np.abs(np.asarray(ref)).max(), kernel
   # int8 activations: the popcount kernel (2 rows) and its XLA twin (6 rows) agree; both
   # are the exact layer up to 8-bit activations
-  int8 = packed.PackedDense(provider, parts, n_in, n_out, bias=bias, dtype=jnp.float32, mode="kernel", kernel="fused",
-                            activations="int8")
+  int8 = packed.PackedDense(parts, bias=bias, dtype=jnp.float32, mode="kernel", kernel="fused", activations="int8")
   y8 = np.asarray(int8(x))
   np.testing.assert_allclose(np.asarray(int8(x[:1, :2])), y8[:1, :2], rtol=0, atol=1e-5 * np.abs(y8).max())
   assert 0 < np.abs(y8 - np.asarray(ref)).max() <= 0.05 * np.abs(np.asarray(ref)).max()
   for bad in (dict(kernel="per_plane", mode="kernel"), dict(kernel="fused", mode="dequant")):
     with pytest.raises(ValueError, match="int8"):
-      packed.PackedDense(provider, parts, n_in, n_out, bias=None, dtype=jnp.float32, activations="int8", **bad)
-  fast = packed.PackedDense(provider, parts, n_in, n_out, bias=bias, dtype=jnp.float32, mode="kernel")
+      packed.PackedDense(parts, bias=None, dtype=jnp.float32, activations="int8", **bad)
+  fast = packed.PackedDense(parts, bias=bias, dtype=jnp.float32, mode="kernel")
   # the bits read by the kernel: ~1 bit per weight for XNOR, + the gathered residual rows for SAB
   bits = sum(int(p["bits"][...].size) * 32 for p in fast.planes)
   assert bits >= n_in * n_out

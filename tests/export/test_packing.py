@@ -1,5 +1,7 @@
 """Bit packing along the input dimension, and the sparse layout of binarized parts."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import ml_dtypes
@@ -7,6 +9,7 @@ import numpy as np
 import pytest
 
 from sab_jax.export import packing
+from sab_jax.quant.providers import PbLlmParts, SalientSplitParts
 
 
 @pytest.mark.parametrize("n_in", [1, 7, 31, 32, 33, 64, 100])
@@ -74,23 +77,36 @@ def test_packed_parts_pack_only_bools():
 def _salient_split_parts(n_in=70, n_out=6, structured=False, seed=0):
   r = np.random.default_rng(seed)
   sal = r.random(n_in) < 0.2
-  parts = {"signs": r.random((n_in, n_out)) < 0.5,
-           "residual_signs": (r.random((n_in, n_out)) < 0.5) & sal[:, None],
-           "salient_rows": sal}
+  group = 32
+  g, c = -(-n_in // group), 3 if structured else 4
   a_in = r.normal(size=(n_in, 2)).astype(ml_dtypes.bfloat16)
   if structured:
     a_in[~sal, 1] = 1.0
-  else:
-    parts["group_hi"] = (r.random((n_in, n_out)) < 0.5) & ~sal[:, None]
-  parts["alpha_in"] = a_in
-  return parts
+  return SalientSplitParts(
+      signs=r.random((n_in, n_out)) < 0.5, residual_signs=(r.random((n_in, n_out)) < 0.5) & sal[:, None],
+      salient_rows=sal, alpha_out=r.normal(size=(g, c, n_out)).astype(ml_dtypes.bfloat16), alpha_in=a_in,
+      group_hi=None if structured else (r.random((n_in, n_out)) < 0.5) & ~sal[:, None], group=group, mode="rc")
+
+
+def _pbllm_parts(shape, fraction, seed):
+  r = np.random.default_rng(seed)
+  mask = r.random(shape) < fraction
+  b = -(-shape[0] // 128)
+  return PbLlmParts(salient_mask=mask, int_values=np.where(mask, r.integers(-127, 128, shape), 0).astype(np.int8),
+                    int_scale=np.ones((b, shape[1]), ml_dtypes.bfloat16), signs=(r.random(shape) < 0.5) & ~mask,
+                    alpha_out=np.ones((b, shape[1]), ml_dtypes.bfloat16))
+
+
+def _shapes(parts):
+  return {k: v.shape for k, v in parts.arrays().items()}
 
 
 @pytest.mark.parametrize("structured", [False, True])
 def test_sparse_layout_round_trip_and_size(structured):
   parts = _salient_split_parts(structured=structured)
-  n_in, n_out = parts["signs"].shape
-  n_sal = int(parts["salient_rows"].sum())
+  parts.check()
+  n_in, n_out = parts.shape
+  n_sal = int(parts.salient_rows.sum())
   compact = packing.compact_parts(parts)
   assert compact["residual_signs"].shape == (n_sal * n_out,)
   if structured:
@@ -99,9 +115,9 @@ def test_sparse_layout_round_trip_and_size(structured):
     assert compact["group_hi"].shape == ((n_in - n_sal) * n_out,)
     assert compact["alpha_in"].shape == (n_in, 2)
   stored = packing.encode_parts(parts)
-  back = packing.decode_parts(stored, {k: v.shape for k, v in compact.items()},
-                              {k: v.shape for k, v in parts.items()})
-  for k, v in parts.items():
+  back = packing.decode_parts(stored, {k: v.shape for k, v in compact.items()}, _shapes(parts), SalientSplitParts)
+  assert set(back) == set(parts.arrays())
+  for k, v in parts.arrays().items():
     assert back[k].dtype == v.dtype and back[k].shape == v.shape
     np.testing.assert_array_equal(back[k], v)
 
@@ -110,50 +126,48 @@ def test_sparse_order_is_input_order_within_each_output_column():
   sal = np.array([False, True, False, True])
   res = np.zeros((4, 2), bool)
   res[1, 0], res[3, 1] = True, True
-  compact = packing.compact_parts({"signs": np.zeros((4, 2), bool), "residual_signs": res, "salient_rows": sal})
+  parts = SalientSplitParts(signs=np.zeros((4, 2), bool), residual_signs=res, salient_rows=sal,
+                            alpha_out=np.zeros((1, 3, 2), ml_dtypes.bfloat16), group=4)
+  compact = packing.compact_parts(parts)
   np.testing.assert_array_equal(compact["residual_signs"], [True, False, False, True])
 
 
 def test_pbllm_layout():
-  r = np.random.default_rng(3)
-  mask = r.random((50, 4)) < 0.1
-  parts = {"salient_mask": mask, "int_values": np.where(mask, r.integers(-127, 128, mask.shape), 0).astype(np.int8),
-           "signs": (r.random(mask.shape) < 0.5) & ~mask}
+  parts = _pbllm_parts((50, 4), 0.1, 3)
   compact = packing.compact_parts(parts)
+  mask = parts.salient_mask
   assert compact["int_values"].shape == (mask.sum(),) and compact["signs"].shape == ((~mask).sum(),)
-  back = packing.expand_parts(compact, {k: v.shape for k, v in parts.items()})
-  for k, v in parts.items():
+  back = packing.expand_parts(compact, _shapes(parts), PbLlmParts)
+  for k, v in parts.arrays().items():
     np.testing.assert_array_equal(back[k], v)
 
 
 def test_sparse_layout_refuses_what_it_cannot_rebuild():
   parts = _salient_split_parts()
-  bad = dict(parts, residual_signs=parts["residual_signs"] | ~parts["salient_rows"][:, None])
+  bad = dataclasses.replace(parts, residual_signs=parts.residual_signs | ~parts.salient_rows[:, None])
   with pytest.raises(ValueError, match="outside the entries"):
     packing.compact_parts(bad)
   compact = packing.compact_parts(parts)
   compact["residual_signs"] = compact["residual_signs"][:-1]
   with pytest.raises(ValueError, match="selection marks"):
-    packing.expand_parts(compact, {k: v.shape for k, v in parts.items()})
+    packing.expand_parts(compact, _shapes(parts), SalientSplitParts)
 
 
 @pytest.mark.parametrize("shape, dtype", [((128, 384), np.uint16), ((300, 300), np.int32)])
 def test_sparse_salient_mask_is_stored_as_positions(shape, dtype):
   """At 0.5% salient weights PB-LLM's mask costs 16 (or 32) bits per salient weight as a
   position list instead of 1 bit per weight as a plane, and decodes to the same mask."""
-  r = np.random.default_rng(4)
-  mask = r.random(shape) < 0.005
-  parts = {"salient_mask": mask, "int_values": np.where(mask, r.integers(-127, 128, shape), 0).astype(np.int8),
-           "signs": (r.random(shape) < 0.5) & ~mask}
+  parts = _pbllm_parts(shape, 0.005, 4)
+  mask = parts.salient_mask
   assert packing.as_positions(parts) == ["salient_mask"]
   stored = packing.encode_parts(parts)
   assert stored["salient_mask"].dtype == dtype and stored["salient_mask"].shape == (mask.sum(),)
   assert stored["salient_mask"].nbytes * 8 <= mask.sum() * 32 and 4 * 8 * stored["salient_mask"].nbytes < mask.size
   compact_shapes = {k: v.shape for k, v in packing.compact_parts(parts).items()}
-  back = packing.decode_parts(stored, compact_shapes, {k: v.shape for k, v in parts.items()})
-  for k, v in parts.items():
+  back = packing.decode_parts(stored, compact_shapes, _shapes(parts), PbLlmParts)
+  for k, v in parts.arrays().items():
     np.testing.assert_array_equal(back[k], v)
     assert back[k].dtype == v.dtype
   bad = dict(stored, salient_mask=stored["salient_mask"][::-1].copy())  # unsorted: a damaged file
   with pytest.raises(ValueError, match="sorted list"):
-    packing.decode_parts(bad, compact_shapes, {k: v.shape for k, v in parts.items()})
+    packing.decode_parts(bad, compact_shapes, _shapes(parts), PbLlmParts)

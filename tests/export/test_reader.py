@@ -57,8 +57,10 @@ def test_read_gives_the_providers_parts_and_the_bf16_params(case, export_root):
   # Parts: exactly what the provider produced, part for part (dtype included).
   assert set(parts_by_layer) == set(results)
   for path, r in results.items():
-    want = {k: np.asarray(v) for k, v in r.binarized.parts.items()}
-    got = parts_by_layer[path]
+    want = r.binarized.parts.map(np.asarray).arrays()
+    assert type(parts_by_layer[path]) is type(r.binarized.parts)
+    assert parts_by_layer[path].meta() == r.binarized.parts.meta()
+    got = parts_by_layer[path].arrays()
     assert set(got) == set(want)
     for k in want:
       assert isinstance(got[k], np.ndarray) and got[k].dtype == want[k].dtype, (path, k)

@@ -114,8 +114,8 @@ def test_bits_from_bytes_match_the_formula_on_a_256_layer(case, tmp_path):
   assert out["bits_per_weight"] == pytest.approx(out["formula_bits_per_weight"], rel=0.01)
   assert out["bits_per_weight"] >= out["formula_bits_per_weight"]
   # Dense bit planes are [ceil(in/32), out] uint32 words.
-  stored = packing.encode_parts({k: np.asarray(v) for k, v in b.parts.items()})
-  if "salient_mask" not in b.parts:
+  stored = packing.encode_parts(b.parts.map(np.asarray))
+  if "salient_mask" not in b.parts.arrays():
     assert stored["signs"].shape == (n // 32, n) and stored["signs"].nbytes == n // 32 * n * 4
   loaded, _ = reader.load(str(tmp_path / "e"), OneDense(n, n))
   np.testing.assert_array_equal(np.asarray(loaded.proj.kernel[...]), np.asarray(b.w_hat))

@@ -8,6 +8,7 @@ import pytest
 
 from sab_jax.quant import METHODS, ArbRc, BiLLM, LayerStats, PbLlm, Sab, Xnor
 from sab_jax.quant.core import bits_core
+from sab_jax.quant.providers import base
 
 N_IN, N_OUT = 256, 256
 
@@ -53,7 +54,10 @@ def test_parts_rebuild_w_hat_and_errors_are_right(name):
   b = _run(name)
   assert b.w_hat.shape == w.shape and b.w_hat.dtype == jnp.float32
   assert bool(jnp.all(jnp.isfinite(b.w_hat)))
-  np.testing.assert_array_equal(METHODS[name]().dequantize(b.parts, N_IN), b.w_hat)
+  np.testing.assert_array_equal(base.dequantize(b.parts), b.w_hat)
+  b.parts.check()
+  rebuilt = METHODS[name]().from_arrays(b.parts.arrays())
+  assert type(rebuilt) is type(b.parts) and rebuilt.meta() == b.parts.meta()
   np.testing.assert_allclose(b.error["output_rel"], _rel(name) ** 2, rtol=1e-3)
   assert b.bits_per_weight == b.stored_bits / w.size
 
@@ -71,9 +75,9 @@ def test_lambda_one_reproduces_arb_rc_bitwise():
   sab = Sab().binarize_with_lambda(jnp.asarray(w), stats, jnp.ones(w.shape))
   arb = _run("arb_rc")
   np.testing.assert_array_equal(sab.w_hat, arb.w_hat)
-  for key in arb.parts:
-    np.testing.assert_array_equal(np.asarray(sab.parts[key], np.float32),
-                                  np.asarray(arb.parts[key], np.float32), err_msg=key)
+  for key, value in arb.parts.arrays().items():
+    np.testing.assert_array_equal(np.asarray(getattr(sab.parts, key), np.float32),
+                                  np.asarray(value, np.float32), err_msg=key)
 
 
 def test_single_modality_sab_matches_arb_rc():
@@ -99,14 +103,14 @@ def test_bits_match_the_formulas():
   rows = bits_core.block_rows(N_IN, 128)
   assert _run("xnor").stored_bits == bits_core.xnor_bits(N_IN, N_OUT).stored_bits
   pb = _run("pbllm")
-  n_sal = int(jnp.sum(pb.parts["salient_mask"]))
+  n_sal = int(jnp.sum(pb.parts.salient_mask))
   assert n_sal == round(0.1 * w.size)
   assert pb.stored_bits == bits_core.pbllm_bits(N_IN, N_OUT, n_salient=n_sal, salient_bits=8,
                                                 n_blocks=2).stored_bits
-  assert int(jnp.max(jnp.abs(pb.parts["int_values"].astype(jnp.int32)))) == 127
+  assert int(jnp.max(jnp.abs(pb.parts.int_values.astype(jnp.int32)))) == 127
   for name, mode in [("billm", "mean_offset"), ("arb_rc", "rc"), ("sab", "rc")]:
     b = _run(name)
-    assert int(b.parts["salient_rows"].sum()) == 2 * 10
+    assert int(b.parts.salient_rows.sum()) == 2 * 10
     c = bits_core.salient_split_bits(N_IN, N_OUT, block_rows=rows, salient_per_block=[10, 10],
                                      mode=mode, split=True)
     assert (b.stored_bits, b.nominal_bits) == (c.stored_bits, c.nominal_bits)
@@ -116,11 +120,11 @@ def test_structured_sab():
   """Structured: no per-weight bitmap, 3 alpha_out per block, bits as counted, and still
   far better than XNOR."""
   b = _run("sab", structured=True, scale_block=128)
-  assert "group_hi" not in b.parts and b.parts["alpha_out"].shape == (2, 3, N_OUT)
+  assert b.parts.group_hi is None and b.parts.alpha_out.shape == (2, 3, N_OUT)
   c = bits_core.salient_split_bits(N_IN, N_OUT, block_rows=[128, 128], salient_per_block=[10, 10],
                                    mode="rc", split=False)
   assert b.stored_bits == c.stored_bits
-  np.testing.assert_array_equal(Sab(structured=True, scale_block=128).dequantize(b.parts, N_IN), b.w_hat)
+  np.testing.assert_array_equal(base.dequantize(b.parts), b.w_hat)
   assert _rel("sab", structured=True, scale_block=128) < 0.9 * _rel("xnor")
 
 
@@ -146,5 +150,5 @@ def test_layer_narrower_than_a_block():
   stats = LayerStats(h, h, 256, 256)
   for p in (Sab(iters=3), Sab(iters=3, structured=True), BiLLM()):
     b = p(w, stats)
-    assert int(b.parts["salient_rows"].sum()) == 5  # round(0.08 · 64)
-    np.testing.assert_array_equal(p.dequantize(b.parts, 64), b.w_hat)
+    assert int(b.parts.salient_rows.sum()) == 5  # round(0.08 · 64)
+    np.testing.assert_array_equal(base.dequantize(b.parts), b.w_hat)

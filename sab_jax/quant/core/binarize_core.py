@@ -41,6 +41,25 @@ def sign(x: jax.Array) -> jax.Array:
   return jnp.where(x >= 0, 1.0, -1.0).astype(jnp.float32)
 
 
+@jax.custom_vjp
+def ste_sign(x: jax.Array, clip: jax.Array) -> jax.Array:
+  """sign(x) (sign(0) = +1) with the clipped straight-through gradient 1_{|x| ≤ clip}
+  (quantization-aware training through a sign)."""
+  return jnp.where(x >= 0, 1.0, -1.0).astype(x.dtype)
+
+
+def _ste_fwd(x, clip):
+  return ste_sign(x, clip), (x, clip)
+
+
+def _ste_bwd(res, g):
+  x, clip = res
+  return g * (jnp.abs(x) <= clip).astype(g.dtype), jnp.zeros_like(clip)
+
+
+ste_sign.defvjp(_ste_fwd, _ste_bwd)
+
+
 def bf16_round(x: jax.Array) -> jax.Array:
   """Round-trip through bfloat16: the value a 16-bit stored scale really has."""
   return x.astype(jnp.bfloat16).astype(jnp.float32)

@@ -2,22 +2,34 @@
 
 A provider is a frozen dataclass (its knobs are fields) called as
 `provider(kernel, stats) -> Binarized` on one Dense kernel (Flax layout `[in, out]`)
-with the calibration statistics of that layer's inputs. This file also holds the
-plumbing BiLLM, ARB-RC and SAB share: the GPTQ loop around the salient-row block
-quantizer of `core.binarize_core`, and its dequantizer.
+with the calibration statistics of that layer's inputs.
+
+Its parts are one typed structure per method, a `Parts` subclass (cf. Qwix's `QArray`):
+a frozen dataclass whose array fields are what an exporter stores and whose static fields
+say how to read them. Everything derived from the parts lives on that class, so no other
+module branches on a method's name:
+  * `dequantize()`: Ŵ `[in, out]`, bitwise what the provider returned;
+  * `storage(arrays)`: which parts are stored as the vector of their meaningful entries
+    (and the fill elsewhere), and `POSITIONS`, bool parts stored as position lists when
+    cheaper (the exporter's `packing` applies both);
+  * `planes(one_lhs)`: the sum-of-sign-planes decomposition the packed kernels serve, or
+    None where the kernels do not cover the layout;
+  * `qat_init()` / `qat_weight(...)` / `from_qat(...)`: the quantization-aware forward of
+    `quant.binary_dense.BinaryDense`, initialised so that step 0 is the PTQ model.
+A provider rebuilds its typed parts from stored arrays with `from_arrays(arrays)`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
-from typing import Protocol
+from typing import Any, Callable, ClassVar, Mapping, Protocol, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from sab_jax.quant.core import binarize_core, bits_core, gptq_core
+from sab_jax.quant.core import bits_core, gptq_core
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,13 +50,152 @@ class LayerStats:
             + self.n_vis * self.h_vis.astype(jnp.float32)) / n
 
 
+# --- the typed parts -------------------------------------------------------------------------
+
+# (selector(arrays, shape) -> bool mask of the part's shape, fill value off the mask)
+SparseRule = tuple[Callable[[Mapping[str, Any], tuple[int, ...]], np.ndarray], Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class PlaneSource:
+  """One sign plane of a layer as the kernels read it: `Σ_g x[:, rows_g]·diag(lhs_i) @ B·diag(col_i[g])`.
+
+  signs: bool `[in, out]`; group_rows: per output-scale group, the input rows this plane
+  reads; lhs: per row-scale set, float `[in]` (read at those rows); col: per row-scale
+  set, `[G, out]` output scales.
+  """
+  signs: np.ndarray
+  group_rows: list[np.ndarray]
+  lhs: list[np.ndarray]
+  col: list[np.ndarray]
+
+
+@dataclasses.dataclass(frozen=True)
+class QatState:
+  """The variables of a `BinaryDense` built from parts: `latent` (trainable, its signs are
+  the sign planes), `scales` (trainable float32), `masks` (fixed structure)."""
+  latent: np.ndarray
+  scales: dict[str, np.ndarray]
+  masks: dict[str, np.ndarray]
+
+
+class Parts:
+  """Base of every method's typed parts; subclasses are made with `@parts_dataclass(meta=...)`.
+
+  Data fields hold arrays (None when a layout variant leaves a part out); `META` names the
+  static fields (Python ints/strings), which are pytree metadata, so a `Parts` passes
+  through `jax.jit` with its layout static.
+  """
+  META: ClassVar[tuple[str, ...]] = ()
+  # bool parts stored as the sorted positions of their True entries when smaller than a bitmap
+  POSITIONS: ClassVar[tuple[str, ...]] = ()
+
+  @classmethod
+  def data_fields(cls) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(cls) if f.name not in cls.META)
+
+  def arrays(self) -> dict[str, Any]:
+    """{part name: array} of the parts present (what the exporter stores)."""
+    return {k: getattr(self, k) for k in self.data_fields() if getattr(self, k) is not None}
+
+  def meta(self) -> dict[str, Any]:
+    return {k: getattr(self, k) for k in self.META}
+
+  def map(self, fn: Callable[[Any], Any]) -> "Parts":
+    """The same layout with `fn` applied to every present array."""
+    return dataclasses.replace(self, **{k: fn(v) for k, v in self.arrays().items()})
+
+  @property
+  def shape(self) -> tuple[int, int]:
+    """The kernel's `[in, out]`."""
+    return tuple(self.signs.shape)  # every layout has a sign plane of the kernel's shape
+
+  def check(self) -> None:
+    """Raises ValueError when a part has another shape or dtype than the layout's, or (numpy
+    parts) a value off the entries the layout reads (`storage`: e.g. a residual sign off the
+    salient rows) other than the layout's fill."""
+    for k, (shape, dtype) in self.expected().items():
+      v = getattr(self, k)
+      if v is None:
+        raise ValueError(f"{type(self).__name__}: part {k!r} is missing")
+      if tuple(v.shape) != tuple(shape) or np.dtype(v.dtype) != np.dtype(dtype):
+        raise ValueError(f"{type(self).__name__}: part {k!r} is {np.dtype(v.dtype)}{list(v.shape)}, the layout "
+                         f"needs {np.dtype(dtype)}{list(shape)}")
+    extra = set(self.arrays()) - set(self.expected())
+    if extra:
+      raise ValueError(f"{type(self).__name__}: parts {sorted(extra)} do not belong to this layout variant")
+    if all(isinstance(v, np.ndarray) for v in self.arrays().values()):  # values too (not under jit)
+      arrays = self.arrays()
+      for k, (select, fill) in self.storage(arrays).items():
+        off = arrays[k][~select(arrays, arrays[k].shape)]
+        if off.size and not np.all(off == np.asarray(fill, off.dtype)):
+          raise ValueError(f"{type(self).__name__}: part {k!r} holds values other than {fill!r} outside the "
+                           f"entries the layout reads (e.g. a residual sign off the salient rows)")
+
+  # --- what subclasses define -----------------------------------------------------------
+  def expected(self) -> dict[str, tuple[tuple[int, ...], Any]]:
+    """{part: (shape, dtype)} of this layout variant (the invariants `check` enforces)."""
+    raise NotImplementedError
+
+  def dequantize(self) -> jax.Array:
+    """Ŵ `[in, out]` float32."""
+    raise NotImplementedError
+
+  @classmethod
+  def storage(cls, arrays: Mapping[str, Any]) -> dict[str, SparseRule]:
+    """Parts stored as the vector of their meaningful entries, given the decoded others."""
+    del arrays
+    return {}
+
+  def planes(self, *, one_lhs: bool = False) -> list[PlaneSource] | None:
+    """The plane decomposition the packed kernels serve; None: not covered."""
+    del one_lhs
+    return None
+
+  def qat_init(self) -> QatState:
+    raise NotImplementedError(f"{type(self).__name__} has no quantization-aware form")
+
+  @classmethod
+  def qat_weight(cls, meta: Mapping[str, Any], latent: jax.Array, scales: Mapping[str, jax.Array],
+                 masks: Mapping[str, jax.Array], sign: Callable[[jax.Array, jax.Array], jax.Array],
+                 clip: float) -> jax.Array:
+    """Ŵ from the QAT variables; `sign(x, clip)` is the straight-through sign."""
+    raise NotImplementedError
+
+  @classmethod
+  def from_qat(cls, meta: Mapping[str, Any], latent: jax.Array, scales: Mapping[str, jax.Array],
+               masks: Mapping[str, jax.Array]) -> "Parts":
+    """The parts (stored dtypes) of the current QAT variables."""
+    raise NotImplementedError
+
+
+def parts_dataclass(*, meta: Sequence[str] = ()):
+  """Makes a frozen dataclass pytree of a `Parts` subclass; `meta` fields are static."""
+  def wrap(cls):
+    cls.META = tuple(meta)
+    cls = dataclasses.dataclass(frozen=True)(cls)
+    data = [f.name for f in dataclasses.fields(cls) if f.name not in cls.META]
+    return jax.tree_util.register_dataclass(cls, data_fields=data, meta_fields=list(cls.META))
+  return wrap
+
+
+@jax.jit
+def _dequantize(parts: Parts) -> jax.Array:
+  return parts.dequantize()
+
+
+def dequantize(parts: Parts) -> jax.Array:
+  """`parts.dequantize()` jitted (the layout is static)."""
+  return _dequantize(parts.map(jnp.asarray))
+
+
 @dataclasses.dataclass
 class Binarized:
   """One binarized kernel."""
   w_hat: jax.Array               # [in, out] dequantized kernel, Flax layout, float32
   nominal_bits: float            # bits/weight as the papers count them
   stored_bits: int               # every stored bit (signs, bitmaps, residual planes, scales, flags)
-  parts: dict[str, jax.Array]    # what an exporter stores to rebuild w_hat exactly (per method)
+  parts: Parts                   # the method's typed parts; `parts.dequantize()` == w_hat
   error: dict[str, float]        # mse, weighted_mse, output_mse, output_rel
 
   @property
@@ -55,8 +206,13 @@ class Binarized:
 class Provider(Protocol):
   """A post-training binarization method."""
   name: str
+  parts_class: type  # its typed parts (a `Parts` subclass)
 
   def __call__(self, kernel: jax.Array, stats: LayerStats) -> Binarized:
+    ...
+
+  def from_arrays(self, arrays: Mapping[str, Any]) -> Parts:
+    """The typed parts of stored arrays (the inverse of `Parts.arrays`)."""
     ...
 
 
@@ -80,42 +236,9 @@ def error_metrics(w: jax.Array, w_hat: jax.Array, h: jax.Array,
           "output_rel": num / den if den > 0 else math.nan}
 
 
-# ---------------------------------------------------------------------------
-# Shared by BiLLM, ARB-RC and SAB
-# ---------------------------------------------------------------------------
+# --- block plumbing shared by the GPTQ-based layouts -------------------------------------------
 
-# Parts indexed by input row (leading axis `in`); the others are per block.
-_ROW_PARTS = ("signs", "residual_signs", "salient_rows", "group_hi", "alpha_in")
-
-
-@functools.partial(jax.jit, static_argnames=("block_size", "n_salient", "iters", "mode", "split",
-                                             "group_size"))
-def _salient_split_ptq(kernel, h, weight, *, block_size, n_salient, iters, mode, split, group_size):
-  u = gptq_core.hessian_inverse_cholesky(h)
-  if group_size is not None:
-    def prepare(w_grp, d, valid, weight_grp):
-      return binarize_core.structured_prepare(w_grp, weight_grp, d, valid, n_salient=n_salient,
-                                              iters=iters)
-
-    def structured_block(w_blk, d, valid, weight_blk, *, state, offset):
-      return binarize_core.structured_block(w_blk, weight_blk, d, valid, state=state,
-                                            offset=offset)
-
-    _, parts, state = gptq_core.gptq_quantize(
-        kernel, u, structured_block, block_size=block_size, aux=(weight,),
-        group_size=group_size, prepare_group=prepare)
-    return dict(parts, alpha_out=state["alpha_out"])
-
-  def quantize_block(w_blk, d, valid, weight_blk):
-    return binarize_core.salient_split_block(
-        w_blk, weight_blk, d, valid, n_salient=n_salient, iters=iters, mode=mode, split=split)
-
-  _, parts, _ = gptq_core.gptq_quantize(kernel, u, quantize_block, block_size=block_size,
-                                        aux=(weight,))
-  return parts
-
-
-def dequantize_blocks(parts: dict[str, jax.Array], compose, *, n_in: int, block_size: int,
+def dequantize_blocks(parts: Mapping[str, jax.Array], compose, *, n_in: int, block_size: int,
                       row_parts: tuple[str, ...]) -> jax.Array:
   """Rebuild Ŵ `[in, out]` by applying a block's `compose(parts) -> Ŵ_blk` to every block.
 
@@ -135,18 +258,10 @@ def dequantize_blocks(parts: dict[str, jax.Array], compose, *, n_in: int, block_
   return w.reshape(nb * block_size, -1)[:n_in]
 
 
-def crop_rows(parts: dict[str, jax.Array], n_in: int, row_parts: tuple[str, ...]) -> dict[str, jax.Array]:
+def crop_rows(parts: Mapping[str, jax.Array], n_in: int, row_parts: tuple[str, ...]) -> dict[str, jax.Array]:
   """Flatten the `[n_blocks, block, ...]` row leaves of stacked parts to `[in, ...]`."""
   return {k: (v.reshape((-1,) + v.shape[2:])[:n_in] if k in row_parts else v)
           for k, v in parts.items()}
-
-
-@functools.partial(jax.jit, static_argnames=("n_in", "block_size", "mode"))
-def dequantize_salient_split(parts: dict[str, jax.Array], *, n_in: int, block_size: int,
-                             mode: str) -> jax.Array:
-  """Rebuild Ŵ `[in, out]` from the parts of `salient_split_ptq` (the exporter's view)."""
-  return dequantize_blocks(parts, lambda p: binarize_core.compose_salient_split(p, mode),
-                           n_in=n_in, block_size=block_size, row_parts=_ROW_PARTS)
 
 
 def effective_blocks(n_in: int, block_size: int, scale_block: int | None) -> tuple[int, int]:
@@ -159,43 +274,62 @@ def effective_blocks(n_in: int, block_size: int, scale_block: int | None) -> tup
   return block, min(scale_block, math.ceil(n_in / block) * block)
 
 
-def salient_split_ptq(kernel: jax.Array, h: jax.Array, weight: jax.Array, *, block_size: int,
-                      salient_rows: float, iters: int, mode: str, split: bool,
-                      scale_block: int | None = None
-                      ) -> tuple[jax.Array, dict[str, jax.Array], bits_core.BitCount]:
-  """GPTQ loop around the salient-row block quantizers of `binarize_core`.
+def blocks_of(x: jax.Array, group: int) -> jax.Array:
+  """`[in, ...]` -> `[ceil(in/group), group, ...]`, rows padded with zeros."""
+  nb = math.ceil(x.shape[0] / group)
+  x = jnp.pad(x, ((0, nb * group - x.shape[0]),) + ((0, 0),) * (x.ndim - 1))
+  return x.reshape((nb, group) + x.shape[1:])
 
-  Args:
-    kernel: `[in, out]`.
-    h: `[in, in]` Hessian used for compensation and the salient-row ranking.
-    weight: `[in, out]` error weights of the ALS (Λ^p or ones).
-    block_size: inputs per GPTQ block; also the salient-row budget and alpha_out sharing
-      unless `scale_block` is given.
-    salient_rows: fraction of each block's (or scale block's) inputs that get a residual
-      plane; `round(salient_rows · rows)` rows (at least 1).
-    iters: ARB-RC sweeps.
-    mode: "rc" or "mean_offset".
-    split: bell-shaped split of the non-salient rows.
-    scale_block: structured mode (mode "rc", no split): salient rows and alpha_out are
-      chosen per `scale_block` inputs (a multiple of `block_size`), alpha_in per row.
-    Sizes above the layer's are clamped (`effective_blocks`).
 
-  Returns:
-    (Ŵ rebuilt from the parts, parts with row parts cropped to `[in, ...]`, bit count).
+def rows_of(x: jax.Array, n_in: int) -> jax.Array:
+  """Inverse of `blocks_of`: `[nb, group, ...]` -> `[in, ...]`."""
+  return x.reshape((-1,) + x.shape[2:])[:n_in]
+
+
+def bf16(x: Any) -> np.ndarray:
+  """The stored (bfloat16) value of a scale, as numpy."""
+  return np.asarray(jnp.asarray(x).astype(jnp.bfloat16))
+
+
+def signs_pm(b: jax.Array) -> jax.Array:
+  """bool sign plane -> ±1 float32."""
+  return jnp.where(b, 1.0, -1.0)
+
+
+def two_plane_weight(latent: jax.Array, first_scale: jax.Array, second_scale: jax.Array | None,
+                     sign: Callable[[jax.Array, jax.Array], jax.Array], clip: float, *,
+                     first_offset: Any = 0.0, second_offset: Any = 0.0) -> jax.Array:
+  """The QAT Ŵ of a layout with a first sign plane and an optional residual one.
+
+  `B1 = sign(latent)`, `Ŵ = (B1·first_scale + first_offset) + (B2·second_scale + second_offset)`
+  with `B2 = sign(latent − B1·first_scale)` (residual binarization of the latent); every
+  `[in, out]` (or broadcastable). The straight-through window of a row is `clip` times
+  its largest first-order scale.
   """
-  n_in, n_out = kernel.shape
-  if scale_block is not None and (mode != "rc" or split):
-    raise ValueError("scale_block (structured mode) needs mode='rc' and split=False")
-  block_size, group = effective_blocks(n_in, block_size, scale_block)
-  n_salient = max(1, min(group, round(salient_rows * group)))
-  parts = _salient_split_ptq(kernel, h, weight, block_size=block_size, n_salient=n_salient,
-                             iters=iters, mode=mode, split=split,
-                             group_size=None if scale_block is None else group)
-  parts = crop_rows(parts, n_in, _ROW_PARTS)
-  w_hat = dequantize_salient_split(parts, n_in=n_in, block_size=group, mode=mode)
-  rows = bits_core.block_rows(n_in, group)
-  sal = jax.device_get(parts["salient_rows"])
-  per_block = [int(sal[i * group:i * group + r].sum()) for i, r in enumerate(rows)]
-  bits = bits_core.salient_split_bits(n_in, n_out, block_rows=rows, salient_per_block=per_block,
-                                      mode=mode, split=split)
-  return w_hat, parts, bits
+  bound = jax.lax.stop_gradient(clip * jnp.max(jnp.abs(first_scale), axis=1, keepdims=True))
+  s1 = sign(latent, bound)
+  term1 = s1 * first_scale
+  first = term1 + first_offset
+  if second_scale is None:
+    return first
+  s2 = sign(latent - term1, bound)
+  return first + (s2 * second_scale + second_offset)
+
+
+def two_plane_latent(signs: np.ndarray, first_scale: np.ndarray, residual_signs: np.ndarray | None = None,
+                     second_scale: np.ndarray | None = None) -> np.ndarray:
+  """Latent weights whose signs give exactly the planes of `two_plane_weight`.
+
+  Per entry, with A = |first_scale| and B = second_scale: latent = s1·A (+ s2·min(B, A/2)
+  where B > 0), floored away from 0 (float32 throughout). Then sign(latent) = s1 and
+  latent − s1·A has sign s2.
+  """
+  one = np.float32(1)
+  s1 = np.where(np.asarray(signs), one, -one)
+  a = np.maximum(np.abs(np.asarray(first_scale, np.float32)), np.float32(1e-8))
+  lat = s1 * a
+  if residual_signs is not None:
+    s2 = np.where(np.asarray(residual_signs), one, -one)
+    b = np.asarray(second_scale, np.float32)
+    lat = lat + s2 * np.maximum(np.minimum(b, a / 2), np.float32(1e-9)) * (b > 0).astype(np.float32)
+  return lat.astype(np.float32)

@@ -10,26 +10,26 @@ per-output-channel α and μ only (no per-input scale).
 Simplification: BiLLM searches the number of salient channels per block; here it is a
 fixed fraction (`salient_rows`), the same budget ARB-RC and SAB get.
 
-Parts: signs [in,out] bool (sign(W − μ) of the entry's group), residual_signs [in,out]
-bool (salient rows), salient_rows [in] bool, group_hi [in,out] bool (non-salient rows),
-alpha_out and mu [n_blocks, 4, out] bf16, components (order1, order2, lo, hi).
+Parts: `salient_split.SalientSplitParts` in "mean_offset" mode (signs: sign(W − μ) of
+the entry's group; alpha_out and mu `[n_blocks, 4, out]`, components order1, order2, lo, hi).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar
+from typing import Any, ClassVar, Mapping
 
 import jax
 import jax.numpy as jnp
 
-from sab_jax.quant.providers import base
+from sab_jax.quant.providers import base, salient_split
 
 
 @dataclasses.dataclass(frozen=True)
 class BiLLM:
   """Residual-binarized salient channels + bell-shaped split, per-output scales."""
   name: ClassVar[str] = "billm"
+  parts_class: ClassVar[type] = salient_split.SalientSplitParts
   # Fraction of each block's input channels with 2nd-order residual binarization.
   salient_rows: float = 0.08
   # Inputs per GPTQ block / scale sharing.
@@ -37,12 +37,12 @@ class BiLLM:
 
   def __call__(self, kernel: jax.Array, stats: base.LayerStats) -> base.Binarized:
     h = stats.h
-    w_hat, parts, bits = base.salient_split_ptq(
+    w_hat, parts, bits = salient_split.salient_split_ptq(
         kernel, h, jnp.ones(kernel.shape, jnp.float32), block_size=self.block_size,
         salient_rows=self.salient_rows, iters=0, mode="mean_offset", split=True)
     return base.Binarized(w_hat, bits.nominal_bits, bits.stored_bits, parts,
                           base.error_metrics(kernel, w_hat, h))
 
-  def dequantize(self, parts: dict[str, jax.Array], n_in: int) -> jax.Array:
-    block, _ = base.effective_blocks(n_in, self.block_size, None)
-    return base.dequantize_salient_split(parts, n_in=n_in, block_size=block, mode="mean_offset")
+  def from_arrays(self, arrays: Mapping[str, Any]) -> salient_split.SalientSplitParts:
+    block, _ = base.effective_blocks(arrays["signs"].shape[0], self.block_size, None)
+    return salient_split.SalientSplitParts(**arrays, group=block, mode="mean_offset")

@@ -1,7 +1,7 @@
 """SAB: significance-aware binarization (SAB-LVLM, arXiv 2607.01876), and ARB-RC.
 
 Steps 2–5 (`core.significance_core`) give Λ per kernel entry; step 6 runs the
-salient-row block quantizer under GPTQ compensation (`base.salient_split_ptq`) with
+salient-row block quantizer under GPTQ compensation (`salient_split.salient_split_ptq`) with
 the ARB-RC alternating least squares weighted by `Λ^lambda_power`, and the salient
 input channels of each block ranked by `Σ_k Λ^p[j,k]·W[j,k]²/[H_F⁻¹]_jj` (the
 Λ-weighted OBS saliency over the row, total H). ARB-RC (ARB-LLM arXiv 2410.03129) is
@@ -10,11 +10,8 @@ the same code path with Λ ≡ 1.
 Error weight: Λ (lambda_power = 1) by default; Λ² is the ablation (the paper does not
 say which it uses).
 
-Parts (see `binarize_core` for the exact layout):
-  signs [in,out] bool, residual_signs [in,out] bool (salient rows), salient_rows [in]
-  bool, group_hi [in,out] bool (non-salient rows), alpha_in [in,2] bf16,
-  alpha_out [n_blocks,4,out] bf16. Structured: no group_hi, alpha_out
-  [ceil(in/scale_block),3,out].
+Parts: `salient_split.SalientSplitParts` in "rc" mode (alpha_out `[n_blocks, 4, out]`
+with the split; structured: no group_hi, alpha_out `[ceil(in/scale_block), 3, out]`).
 
 Structured mode (`structured=True`), a layout that really stores ≤ 1.2 bits/weight:
   * salient structure is whole input channels (a flag per channel, no per-weight bitmap);
@@ -34,13 +31,13 @@ Structured mode (`structured=True`), a layout that really stores ≤ 1.2 bits/we
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar
+from typing import Any, ClassVar, Mapping
 
 import jax
 import jax.numpy as jnp
 
 from sab_jax.quant.core import significance_core
-from sab_jax.quant.providers import base
+from sab_jax.quant.providers import base, salient_split
 
 _significance = jax.jit(significance_core.significance_map,
                         static_argnames=("has_text", "has_vis", "salient_top_p",
@@ -51,6 +48,7 @@ _significance = jax.jit(significance_core.significance_map,
 class Sab:
   """Significance-aware binarization."""
   name: ClassVar[str] = "sab"
+  parts_class: ClassVar[type] = salient_split.SalientSplitParts
   # Fraction of weights that are salient in the significance partition (step 4).
   salient_top_p: float = 0.05
   # Quantile of the modality gap among salient weights separating cross-modal from
@@ -84,23 +82,24 @@ class Sab:
     """Step 6 with a given Λ `[in, out]` (Λ ≡ 1: ARB-RC)."""
     weight = lam if self.lambda_power == 1 else jnp.power(lam, self.lambda_power)
     h = stats.h
-    w_hat, parts, bits = base.salient_split_ptq(
+    w_hat, parts, bits = salient_split.salient_split_ptq(
         kernel, h, weight, block_size=self.block_size, salient_rows=self.salient_rows,
         iters=self.iters, mode="rc", split=not self.structured,
         scale_block=self.scale_block if self.structured else None)
     return base.Binarized(w_hat, bits.nominal_bits, bits.stored_bits, parts,
                           base.error_metrics(kernel, w_hat, h, weight))
 
-  def dequantize(self, parts: dict[str, jax.Array], n_in: int) -> jax.Array:
-    _, group = base.effective_blocks(n_in, self.block_size,
-                                     self.scale_block if self.structured else None)
-    return base.dequantize_salient_split(parts, n_in=n_in, block_size=group, mode="rc")
+  def from_arrays(self, arrays: Mapping[str, Any]) -> salient_split.SalientSplitParts:
+    n_in = arrays["signs"].shape[0]
+    _, group = base.effective_blocks(n_in, self.block_size, self.scale_block if self.structured else None)
+    return salient_split.SalientSplitParts(**arrays, group=group, mode="rc")
 
 
 @dataclasses.dataclass(frozen=True)
 class ArbRc:
   """ARB-RC with BiLLM-style salient rows and GPTQ: SAB's code path with Λ ≡ 1."""
   name: ClassVar[str] = "arb_rc"
+  parts_class: ClassVar[type] = salient_split.SalientSplitParts
   # Fraction of each block's input channels with 2nd-order residual binarization.
   salient_rows: float = 0.08
   # Inputs per GPTQ block / alpha_out sharing.
@@ -120,5 +119,5 @@ class ArbRc:
   def __call__(self, kernel: jax.Array, stats: base.LayerStats) -> base.Binarized:
     return self._sab.binarize_with_lambda(kernel, stats, jnp.ones(kernel.shape, jnp.float32))
 
-  def dequantize(self, parts: dict[str, jax.Array], n_in: int) -> jax.Array:
-    return self._sab.dequantize(parts, n_in)
+  def from_arrays(self, arrays: Mapping[str, Any]) -> salient_split.SalientSplitParts:
+    return self._sab.from_arrays(arrays)

@@ -3,12 +3,12 @@
 `PackedDense` replaces a binarized `Dense` and holds only what the export stores (sign
 bits as uint32 words, bf16 scales, ...), never a float kernel. Two ways to apply it:
 
-  * "dequant" (every method): unpack the bits in XLA and rebuild Ŵ with the provider's
-    own dequantizer inside the jitted forward, then `x @ Ŵ` exactly as `Dense` does. The
+  * "dequant" (every method): unpack the bits in XLA and rebuild Ŵ with the layout's
+    own dequantizer (`Parts.dequantize`) inside the jitted forward, then `x @ Ŵ` exactly as `Dense` does. The
     result is bitwise that of the in-memory binarized model, so VQA predictions agree
     exactly (tests check it on a whole test split).
-  * "kernel" (XNOR and the structured SAB / ARB-RC layout, the ≤ 1.2-bit one): a sum of
-    planes `x @ (α_r ⊙ B ⊙ α_c)` computed by `kernels.packed_matmul` straight from the
+  * "kernel" (the layouts whose `Parts.planes` decomposes them: XNOR and the structured
+    SAB / ARB-RC layout, the ≤ 1.2-bit one): a sum of planes `x @ (α_r ⊙ B ⊙ α_c)` computed by `kernels.packed_matmul` straight from the
     bits. Compute in `kernel_dtype` (bf16 on GPU), so results match the in-memory model
     to rounding, not bitwise.
   "auto" takes the kernel on GPU when the layout supports it, dequant otherwise.
@@ -21,7 +21,7 @@ load time). "per_plane" stays the default until "fused" has been timed on a GPU.
 and serves decode steps (M <= 4) with the bit-serial popcount kernel, larger M with its
 XLA twin (`packed_layer.int8_reference`): an approximation, measured in RESULTS.md.
 
-`from_export` builds the model from an export directory (`export.checkpoint.read`).
+`from_export` builds the model from an export directory (`export.reader.read`).
 The packed model is single-device: it is for evaluation and decode, not training.
 """
 
@@ -36,8 +36,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sab_jax.export import packing
+from sab_jax.export import packing, reader
 from sab_jax.kernels import packed_layer, packed_matmul
+from sab_jax.models import paths
+from sab_jax.quant.providers import base
 
 MODES = ("auto", "dequant", "kernel")
 KERNELS = ("per_plane", "fused")
@@ -87,49 +89,14 @@ def _plane(signs: np.ndarray, group_rows: list[np.ndarray], lhs: list[np.ndarray
   return spec, arrays
 
 
-def kernel_supports(provider: Any) -> bool:
-  """Whether `planes_for` decomposes this provider's layers (XNOR, structured SAB/ARB-RC)."""
-  name = getattr(provider, "name", None)
-  return name == "xnor" or (name in ("sab", "arb_rc") and getattr(provider, "structured", False))
-
-
-def planes_for(provider: Any, parts: Mapping[str, np.ndarray], n_in: int, *, one_lhs: bool = False
-               ) -> list[tuple[PlaneSpec, dict[str, np.ndarray]]] | None:
-  """The plane decomposition of a layer, or None when the kernel does not cover it.
-
-  XNOR: Ŵ = B ⊙ α_out, one plane, one group. Structured SAB / ARB-RC, per scale group g
-  of `scale_block` inputs (α_in per input row, α_out[g] per output):
-    rest rows:    α_in0 · B1 · α_out[g, 2]
-    salient rows: α_in0 · B1 · α_out[g, 0] + α_in1 · B2 · α_out[g, 1]
-  = plane B1 with two LHS (α_in0 on rest rows → α_out2, on salient rows → α_out0) plus
-  plane B2 over the salient rows only (gathered, 41 of 512 by default) → α_out1.
-
-  `one_lhs`: every plane with a single row-scale set, which unpacks each sign once per
-  product instead of twice over the K rows: plane B1 (α_in0 on all rows) → α_out2, plane
-  B1 over the salient rows (α_in0) → α_out0 - α_out2, plane B2 as above. 1.25·K rows
-  instead of 2.125·K, for 11% more bits (the salient rows' B1 twice).
-  """
-  if not kernel_supports(provider):
+def planes_for(parts: base.Parts, *, one_lhs: bool = False) -> list[tuple[PlaneSpec, dict[str, np.ndarray]]] | None:
+  """The packed planes of a layer (`Parts.planes`, packed for the kernels), or None when
+  the kernels do not cover its layout."""
+  sources = parts.planes(one_lhs=one_lhs)
+  if sources is None:
     return None
-  if provider.name == "xnor":
-    a_out = np.asarray(parts["alpha_out"], np.float32)
-    return [_plane(np.asarray(parts["signs"]), [np.arange(n_in)], [np.ones(n_in, np.float32)],
-                   [a_out[None]], n_in)]
-  from sab_jax.quant.providers import base
-  _, group = base.effective_blocks(n_in, provider.block_size, provider.scale_block)
-  sal = np.asarray(parts["salient_rows"], bool)
-  a_in = np.asarray(parts["alpha_in"], np.float32)
-  a_out = np.asarray(parts["alpha_out"], np.float32)  # [G, 3, out]
-  starts = range(0, n_in, group)
-  all_rows = [np.arange(s, min(s + group, n_in)) for s in starts]
-  sal_rows = [r[sal[r]] for r in all_rows]
-  signs, residual = np.asarray(parts["signs"]), np.asarray(parts["residual_signs"])
-  p2 = _plane(residual, sal_rows, [a_in[:, 1]], [a_out[:, 1]], n_in)
-  if one_lhs:
-    return [_plane(signs, all_rows, [a_in[:, 0]], [a_out[:, 2]], n_in),
-            _plane(signs, sal_rows, [a_in[:, 0]], [a_out[:, 0] - a_out[:, 2]], n_in), p2]
-  p1 = _plane(signs, all_rows, [a_in[:, 0] * ~sal, a_in[:, 0] * sal], [a_out[:, 2], a_out[:, 0]], n_in)
-  return [p1, p2]
+  n_in = parts.shape[0]
+  return [_plane(p.signs, p.group_rows, p.lhs, p.col, n_in) for p in sources]
 
 
 def apply_planes(x: jax.Array, specs: tuple[PlaneSpec, ...], planes: list[Mapping[str, jax.Array]],
@@ -153,8 +120,7 @@ def apply_planes(x: jax.Array, specs: tuple[PlaneSpec, ...], planes: list[Mappin
 class PackedDense(nnx.Module):
   """A binarized Dense layer held packed; same call signature as `layers.Dense`."""
 
-  def __init__(self, provider: Any, parts: Mapping[str, np.ndarray], n_in: int, n_out: int, *,
-               bias: np.ndarray | None, dtype: Any, mode: str = "auto", kernel_dtype: Any = None,
+  def __init__(self, parts: base.Parts, *, bias: np.ndarray | None, dtype: Any, mode: str = "auto", kernel_dtype: Any = None,
                interpret: bool | None = None, kernel: str = "per_plane", activations: str = "bf16"):
     if mode not in MODES:
       raise ValueError(f"mode {mode!r} not in {MODES}")
@@ -162,12 +128,14 @@ class PackedDense(nnx.Module):
       raise ValueError(f"kernel {kernel!r} not in {KERNELS}")
     if activations not in packed_layer.ACTIVATIONS or (activations == "int8" and kernel != "fused"):
       raise ValueError(f"activations {activations!r}: 'bf16', or 'int8' with kernel='fused'")
-    self.provider, self.in_features, self.out_features, self.dtype = provider, n_in, n_out, dtype
+    self.parts_class, self.parts_meta = type(parts), tuple(sorted(parts.meta().items()))
+    (self.in_features, self.out_features), self.dtype = parts.shape, dtype
+    n_out = self.out_features
     on_gpu = jax.default_backend() == "gpu"
-    planes = planes_for(provider, parts, n_in, one_lhs=kernel == "fused") if mode != "dequant" else None
+    planes = planes_for(parts, one_lhs=kernel == "fused") if mode == "kernel" or (mode == "auto" and on_gpu) else None
     if mode == "kernel" and planes is None:
-      raise ValueError(f"the packed kernel does not cover {provider!r} (XNOR and structured SAB/ARB-RC "
-                       f"only); use mode='dequant' or 'auto'")
+      raise ValueError(f"the packed kernels do not cover the {type(parts).__name__} layout {parts.meta()} "
+                       f"(XNOR and structured SAB/ARB-RC only); use mode='dequant' or 'auto'")
     self.mode = "kernel" if planes is not None and (mode == "kernel" or on_gpu) else "dequant"
     self.interpret = (not on_gpu) if interpret is None else interpret
     self.kernel_dtype = kernel_dtype or (jnp.bfloat16 if on_gpu else jnp.float32)
@@ -185,17 +153,19 @@ class PackedDense(nnx.Module):
             block_n=packed_layer.INT8_BLOCK_N if activations == "int8" else None)
       self.planes = nnx.List([nnx.Dict({k: Packed(jnp.asarray(v)) for k, v in a.items()}) for a in arrays])
     else:
-      stored = packing.packed_parts(parts)
-      self.part_shapes = {k: tuple(np.shape(v)) for k, v in parts.items()}
+      arrays = parts.arrays()
+      stored = packing.packed_parts(arrays)
+      self.part_shapes = tuple((k, tuple(np.shape(v))) for k, v in arrays.items())
       self.parts = nnx.Dict({k: Packed(jnp.asarray(v)) for k, v in stored.items()})
 
   def weight(self) -> jax.Array:
     """Ŵ `[in, out]` rebuilt from the packed parts (dequant mode)."""
-    parts = {}
+    shapes = dict(self.part_shapes)
+    arrays = {}
     for k, v in self.parts.items():
       v = v[...]
-      parts[k] = packing.unpack_bits(v, self.part_shapes[k][0]) if v.dtype == jnp.uint32 else v
-    return self.provider.dequantize(parts, self.in_features)
+      arrays[k] = packing.unpack_bits(v, shapes[k][0]) if v.dtype == jnp.uint32 else v
+    return base.dequantize(self.parts_class(**arrays, **dict(self.parts_meta)))
 
   def __call__(self, x: jax.Array) -> jax.Array:
     if self.mode == "dequant":
@@ -218,27 +188,6 @@ class PackedDense(nnx.Module):
     return y
 
 
-def _parent(model: nnx.Module, path: str) -> tuple[Any, str]:
-  *head, last = path.split(".")
-  node = model
-  for k in head:
-    node = node[int(k)] if isinstance(node, (nnx.List, list)) else getattr(node, k)
-  return node, last
-
-
-def get_layer(model: nnx.Module, path: str) -> nnx.Module:
-  parent, last = _parent(model, path)
-  return parent[int(last)] if isinstance(parent, (nnx.List, list)) else getattr(parent, last)
-
-
-def replace_layer(model: nnx.Module, path: str, new: nnx.Module) -> None:
-  parent, last = _parent(model, path)
-  if isinstance(parent, (nnx.List, list)):
-    parent[int(last)] = new
-  else:
-    setattr(parent, last, new)
-
-
 def from_export(directory: str, model_template: nnx.Module, *, mode: str = "auto", kernel_dtype: Any = None,
                 kernel: str = "per_plane", activations: str = "bf16") -> tuple[nnx.Module, dict[str, Any]]:
   """The packed inference model of an export; returns (model, manifest).
@@ -247,21 +196,17 @@ def from_export(directory: str, model_template: nnx.Module, *, mode: str = "auto
   model_config); its non-binarized params get the exported values, each binarized Dense
   becomes a `PackedDense` holding the exported parts.
   """
-  from sab_jax.export import checkpoint
-  manifest, layers, params = checkpoint.read(directory, model_template)
-  provider = checkpoint.provider_from_spec(manifest["provider"])
+  manifest, layers, params = reader.read(directory, model_template)
   model = model_template
-  state = {".".join(str(p) for p in path): v for path, v in nnx.iter_graph(model) if isinstance(v, nnx.Param)}
+  state = paths.params(model)
   for p, a in params.items():
     var = state[p]
     var.set_value(jnp.asarray(a).astype(var.get_value().dtype))
   for path, parts in layers.items():
-    dense = get_layer(model, path)
-    n_in, n_out = dense.in_features, dense.out_features
+    dense = paths.get(model, path)
     bias = None if dense.bias is None else np.asarray(dense.bias[...])
-    replace_layer(model, path, PackedDense(provider, parts, n_in, n_out, bias=bias, dtype=dense.dtype,
-                                           mode=mode, kernel_dtype=kernel_dtype, kernel=kernel,
-                                           activations=activations))
+    paths.replace(model, path, PackedDense(parts, bias=bias, dtype=dense.dtype, mode=mode, kernel_dtype=kernel_dtype,
+                                           kernel=kernel, activations=activations))
   return model, manifest
 
 

@@ -1,0 +1,1 @@
+"""Serving binarized models from their packed exports (PackedDense, the packed model)."""
