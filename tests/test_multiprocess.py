@@ -4,7 +4,6 @@ The children get no XLA_FLAGS (conftest gives this process 8 simulated devices):
 child has one CPU device, so two processes form a 2-device global mesh.
 """
 
-import importlib.util
 import json
 import os
 import re
@@ -18,7 +17,7 @@ import time
 import ml_collections
 import pytest
 
-from sab_jax import distributed
+from sab_jax import config_utils, distributed
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCH = os.path.join(REPO, "launch")
@@ -39,10 +38,7 @@ def _free_port():
 
 
 def _load_config(path, arg=None):
-  spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  return config_utils.load_config(path, arg)
 
 
 @pytest.fixture(scope="module")

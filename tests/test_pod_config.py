@@ -2,9 +2,10 @@
 tokenizer, VQAv2 built from the files users download, FSDP over 8 simulated devices.
 
 The checkpoint is a tiny random LLaVA saved by transformers and VQAv2 a hand-made fixture
-in the official layout; everything else is the pod config as shipped, with only sizes
-overridden. The full-precision answers the pipeline writes must be transformers' own
-greedy answers to the same prompts (LLaVA-1.5 template, left padding, image resizing).
+in the official layout; everything else is the pod config as shipped, sized by its
+`runlocal` argument (only the method list narrowed here). The full-precision answers the
+pipeline writes must be transformers' own greedy answers to the same prompts (LLaVA-1.5
+template, left padding, image resizing).
 """
 
 import json
@@ -17,10 +18,11 @@ import pytest
 
 from data.vqa_fixture import make_vqav2
 from models.hf_fixture import LLAVA_PROMPT_WORDS, save_tiny_llava, save_word_tokenizer
+from sab_jax import config_utils
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIG = os.path.join(REPO, "experiments", "configs", "llava7b_pod.py")
-MAX_ANSWER_LEN = 4
+CONFIG = os.path.join(REPO, "experiments", "configs", "llava7b_pod.py") + ":runlocal"
+LOCAL = config_utils.load_config(CONFIG)  # the sizes the pipeline runs with
 
 
 def _fixture(root):
@@ -41,8 +43,7 @@ def _fixture(root):
 
 def _run(root, *overrides, workdir="wd"):
   args = [sys.executable, "-m", "sab_jax.main", f"--config={CONFIG}", f"--workdir={root / workdir}",
-          f"--config.data.data_dir={root / 'tfds'}", "--config.data.max_prompt_len=48",
-          f"--config.data.max_answer_len={MAX_ANSWER_LEN}", *overrides]
+          f"--config.data.data_dir={root / 'tfds'}", *overrides]
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
   return subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
 
@@ -54,7 +55,8 @@ def _transformers_answers(info, ckpt, source):
 
   tok = tok_lib.HFTokenizer(ckpt)
   pre = pipeline.Preprocess(tok, num_image_tokens=info["num_image_tokens"], image_mean=pipeline.CLIP_MEAN,
-                            image_std=pipeline.CLIP_STD, max_prompt_len=48, max_answer_len=MAX_ANSWER_LEN,
+                            image_std=pipeline.CLIP_STD, max_prompt_len=LOCAL.data.max_prompt_len,
+                            max_answer_len=LOCAL.data.max_answer_len,
                             image_size=info["image_size"])
   answers = []
   for i in range(len(source)):
@@ -64,7 +66,8 @@ def _transformers_answers(info, ckpt, source):
     with torch.no_grad():
       out = info["model"].generate(input_ids=torch.tensor([ids]), pixel_values=torch.from_numpy(pixels),
                                    attention_mask=torch.ones(1, len(ids), dtype=torch.long), do_sample=False,
-                                   max_new_tokens=MAX_ANSWER_LEN, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
+                                   max_new_tokens=LOCAL.data.max_answer_len, eos_token_id=tok.eos_id,
+                                   pad_token_id=tok.pad_id)
     answers.append(tok.decode(out[0, len(ids):].tolist()))
   return answers
 
@@ -73,9 +76,7 @@ def _transformers_answers(info, ckpt, source):
 def test_pod_config_runs_end_to_end_from_a_hf_checkpoint(tmp_path):
   manual, ckpt, info = _fixture(tmp_path)
   proc = _run(tmp_path, f"--config.teacher.init={ckpt}", f"--config.data.manual_dir={manual}",
-              "--config.quant.methods=('sab',)", "--config.quant.calib_samples=16",
-              "--config.distill.train.num_steps=4", "--config.distill.train.warmup_steps=1",
-              "--config.distill.train.log_every=2", "--config.distill.train.checkpoint_every=2")
+              "--config.quant.methods=('sab',)")
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
   results = json.loads((tmp_path / "wd" / "results.json").read_text())
   assert results["dataset"] == "vqav2/res336" and results["split"] == "validation"

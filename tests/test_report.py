@@ -1,15 +1,10 @@
 """experiments/report.py: results.json files -> markdown table and accuracy-vs-size plot."""
 
-import importlib.util
 import json
-import os
 
 import pytest
 
-_spec = importlib.util.spec_from_file_location(
-    "report", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments", "report.py"))
-report = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(report)
+from experiments import report
 
 
 def _entry(acc, bits, nominal, nbytes, per_type):

@@ -1,7 +1,7 @@
 """What int8 activations (the popcount kernel's approximation) cost in VQA accuracy.
 
   python experiments/benchmarks/int8_activations_quality.py --workdir=workdir/demo \
-      [--config=experiments/configs/demo.py] [--out int8_activations_demo.json]
+      [--config=experiments/configs/demo.py[:ARG]] [--out int8_activations_demo.json]
 
 Every export of the run that the fused kernel covers (XNOR, structured SAB / ARB-RC, and
 their distilled `_kd` versions) is evaluated on the whole test split twice: exactly
@@ -14,12 +14,11 @@ Prints a table and writes JSON.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import time
 
-from sab_jax import stages
+from sab_jax import config_utils, stages
 from sab_jax.data import synthetic_vqa
 from sab_jax.eval import vqa
 from sab_jax import export as export_lib
@@ -33,10 +32,7 @@ def main():
   ap.add_argument("--out", default="int8_activations_demo.json")
   ap.add_argument("--max_examples", type=int, default=None)
   args = ap.parse_args()
-  spec = importlib.util.spec_from_file_location("config", args.config)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config("")
+  config = config_utils.load_config(args.config)
   ctx = stages.Context(config, args.workdir)
   with open(os.path.join(args.workdir, "results.json")) as f:
     results = json.load(f)

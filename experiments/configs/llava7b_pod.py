@@ -3,31 +3,40 @@
 Required (`--config.key=value`): `teacher.init`, the HF checkpoint directory (config.json,
 *.safetensors and tokenizer.json, e.g. llava-hf/llava-1.5-7b-hf downloaded beforehand;
 `data.tokenizer` points elsewhere if the tokenizer is not in it). VQAv2 must be built once into
-`data.data_dir` (`python -m sab_jax.data.vqav2 --manual_dir=... --data_dir=...`).
+`data.data_dir` (`python -m sab_jax.data.vqav2 --manual_dir=... --data_dir=...`), or
+`data.manual_dir` given to build it in the run.
+
+Config arguments (`llava7b_pod.py:ARG`):
+  runlocal: the same pipeline sized for a laptop or one CPU: FSDP over whatever devices there
+    are (`mesh.fsdp=-1`), batches of 8, 16 calibration samples, 4 distillation steps, at most
+    32 evaluation questions, and prompts of 48 tokens, which fit a small checkpoint (<= 16
+    image tokens, as tests/models/hf_fixture.py saves) but not 7B's 576 (the run says to
+    raise `data.max_prompt_len`). Batch sizes are per process: a multiple of the local devices.
 
 The checkpoint's config.json defines the model (config.model is not read with
-teacher.format "hf"). tests/test_pod_config.py runs this config end to end on CPU with a
-tiny random LLaVA saved by transformers and a tiny VQAv2 built from hand-made files.
+teacher.format "hf"). tests/test_pod_config.py runs `llava7b_pod.py:runlocal` end to end on
+CPU with a tiny random LLaVA saved by transformers and a tiny VQAv2 built from hand-made files.
 """
 
-import importlib.util
 import os
+import sys
 
 from ml_collections import config_dict
 
 from sab_jax import config_utils
 
-
-def _demo_config():
-  spec = importlib.util.spec_from_file_location("demo", os.path.join(os.path.dirname(__file__), "demo.py"))
-  demo = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(demo)
-  return demo.get_config()
+try:
+  from experiments.configs import demo
+except ModuleNotFoundError as e:  # loaded by path (--config=) from outside the checkout's root
+  if e.name != "experiments":
+    raise
+  sys.path.append(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+  from experiments.configs import demo
 
 
 def get_config(arg=None):
-  config_utils.parse_arg(arg)  # no variants: an argument is an error
-  c = _demo_config()  # stages, methods, rules, export and distillation keys as in the demo
+  arg = config_utils.parse_arg(arg, runlocal=False)
+  c = demo.get_config()  # stages, methods, rules, export and distillation keys as in the demo
   # No teacher training at 7B: load, evaluate, binarize, export, distil, evaluate the exports.
 
   # TFDS builder `vqav2` (sab_jax/data/vqav2.py); res336: LLaVA-1.5's CLIP-L/14-336 input
@@ -77,4 +86,12 @@ def get_config(arg=None):
   # 16 GB, v4 32 GB) and room for the per-layer Hessians; data parallel over the rest.
   # Needs a multiple of 8 chips (v4-16, v5litepod-8 and up); on 4 chips use fsdp=4.
   c.mesh.update(data=-1, fsdp=8, model=1)
+
+  if arg.runlocal:  # the whole pipeline in minutes on a CPU, with a small checkpoint
+    c.data.max_prompt_len, c.data.max_answer_len = 48, 4
+    c.train.update(batch_size=8, num_steps=4, warmup_steps=1, log_every=2, checkpoint_every=2)
+    c.eval.update(batch_size=8, max_examples=32)
+    c.quant.calib_samples, c.quant.calib_batch_size, c.quant.progress = 16, 8, False
+    c.distill.train.update(batch_size=8, num_steps=4, warmup_steps=1, log_every=2, checkpoint_every=2)
+    c.mesh.update(data=1, fsdp=-1, model=1)  # every local device (8 simulated ones in the tests)
   return c

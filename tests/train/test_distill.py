@@ -1,7 +1,6 @@
 """Quantization-aware distillation: STE, BinaryDense from PTQ parts, the KD trainer."""
 
 import functools
-import os
 
 import jax
 import jax.numpy as jnp
@@ -17,12 +16,7 @@ from sab_jax.quant import binary_dense, providers, rules
 from sab_jax.quant.providers.base import LayerStats
 from sab_jax.train import distill, train
 
-import importlib.util
-
-_spec = importlib.util.spec_from_file_location(
-    "demo_config", os.path.join(os.path.dirname(__file__), "..", "..", "experiments", "configs", "demo.py"))
-demo_config = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(demo_config)
+from experiments.configs import demo as demo_config
 
 PROVIDERS = {"xnor": providers.Xnor(), "sab_structured": providers.Sab(structured=True),
              "arb_rc": providers.ArbRc(), "sab": providers.Sab()}

@@ -12,12 +12,7 @@ from sab_jax.models import llava
 from sab_jax.train import checkpointing, train
 import ml_collections
 
-import importlib.util
-
-_spec = importlib.util.spec_from_file_location(
-    "demo_config", os.path.join(os.path.dirname(__file__), "..", "..", "experiments", "configs", "demo.py"))
-demo_config = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(demo_config)
+from experiments.configs import demo as demo_config
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,1 @@
+"""Configs, benchmarks and the report script: importable from the checkout root, never installed."""

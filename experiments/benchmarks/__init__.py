@@ -1,0 +1,1 @@
+"""Benchmark scripts (`python experiments/benchmarks/NAME.py`); the tests import them as modules."""
