@@ -2,7 +2,11 @@
 
 Kept short on purpose (as Flax's examples): parse flags, start multi-process JAX when
 a launcher asks for it (`sab_jax.distributed`), hand the config to `sab_jax.stages.run`.
+A `sab_jax.errors.UserError` (bad config, data, checkpoint or export) ends the run with one
+line on stderr and exit status 1; any other exception keeps its traceback.
 """
+
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -21,9 +25,13 @@ def main(argv):
   # Before anything else touches JAX; after flag parsing, so `--help` stays fast.
   from sab_jax import distributed
   multi_process = distributed.maybe_initialize()
-  from sab_jax import stages
+  from sab_jax import errors, stages
   with distributed.fail_fast(active=multi_process):
-    stages.run(_CONFIG.value, _WORKDIR.value)
+    try:
+      stages.run(_CONFIG.value, _WORKDIR.value)
+    except errors.UserError as e:
+      print("error: " + " ".join(str(e).split()), file=sys.stderr, flush=True)  # one line, whatever the message
+      sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,10 @@
 """The pipeline behind `sab_jax.main`: the stages named in `config.stages`, in order.
 
-Each stage reads what earlier ones left (in memory or under the workdir) and records
-its outcome in `workdir/results.json`, which is rewritten after every stage. Rerunning
-the same command on the same workdir skips stages whose results are already there
-and resumes an interrupted training from its checkpoint.
+Each stage reads what earlier ones left (in memory or under the workdir; `NEEDS` says
+what, and a run that lacks it stops with `MissingPrerequisite` naming the stage to run)
+and records its outcome in `workdir/results.json`, which is rewritten after every stage.
+Rerunning the same command on the same workdir skips stages whose results are already
+there and resumes an interrupted training from its checkpoint.
 """
 
 from __future__ import annotations
@@ -22,12 +23,16 @@ import numpy as np
 import tensorflow_datasets as tfds
 from flax import nnx
 
-from sab_jax import distributed, sharding as sharding_lib
+from sab_jax import distributed, export as export_lib, sharding as sharding_lib
+from sab_jax.calib import calibrate
 from sab_jax.data import datasets, pipeline, synthetic_vqa
 from sab_jax.data import tokenizer as tokenizer_lib
+from sab_jax.errors import MissingPrerequisite, UserError
 from sab_jax.eval import metrics, vqa
 from sab_jax.models import hf, llava
-from sab_jax.train import checkpointing, train as train_lib
+from sab_jax.quant import providers, rules as rules_lib
+from sab_jax.serve import packed
+from sab_jax.train import checkpointing, distill, train as train_lib
 
 
 def _tokenizer_path(config: ml_collections.ConfigDict) -> str | None:
@@ -47,8 +52,8 @@ class Context:
         self.results = json.load(f)
     dc, tc = config.data, config.teacher
     if not tc.init and (tc.format == "hf" or not tc.retrain or tc.warm_start):
-      raise ValueError("config.teacher.init is not set: pass --config.teacher.init=DIR (a Hugging Face LLaVA "
-                       "checkpoint directory with teacher.format 'hf', a sab_jax checkpoint with 'orbax')")
+      raise UserError("config.teacher.init is not set: pass --config.teacher.init=DIR (a Hugging Face LLaVA "
+                      "checkpoint directory with teacher.format 'hf', a sab_jax checkpoint with 'orbax')")
     self.dataset = datasets.get(dc.name)
     path = _tokenizer_path(config)
     self.tokenizer = tokenizer_lib.HFTokenizer(path) if path else tokenizer_lib.WordTokenizer.for_synthetic_vqa()
@@ -57,16 +62,16 @@ class Context:
     elif tc.format == "orbax":
       self.model_cfg = llava.config_from_dict(config.model.to_dict())
     else:
-      raise ValueError(f"config.teacher.format={tc.format!r}: use 'orbax' (sab_jax checkpoints) or 'hf' "
-                       f"(a Hugging Face LLaVA directory)")
+      raise UserError(f"config.teacher.format={tc.format!r}: use 'orbax' (sab_jax checkpoints) or 'hf' "
+                      f"(a Hugging Face LLaVA directory)")
     self.param_dtype = jnp.dtype(tc.param_dtype)
     if self.tokenizer.vocab_size > self.model_cfg.text.vocab_size:
-      raise ValueError(f"tokenizer has {self.tokenizer.vocab_size} tokens but the model's vocab_size is "
-                       f"{self.model_cfg.text.vocab_size}: raise config.model.text.vocab_size, or point "
-                       f"config.data.tokenizer at the checkpoint's own tokenizer")
+      raise UserError(f"tokenizer has {self.tokenizer.vocab_size} tokens but the model's vocab_size is "
+                      f"{self.model_cfg.text.vocab_size}: raise config.model.text.vocab_size, or point "
+                      f"config.data.tokenizer at the checkpoint's own tokenizer")
     if self.tokenizer.image_token_id != self.model_cfg.image_token_id:
-      raise ValueError(f"the model's image_token_id is {self.model_cfg.image_token_id} but the tokenizer's image "
-                       f"token is {self.tokenizer.image_token_id}: the tokenizer does not belong to this model")
+      raise UserError(f"the model's image_token_id is {self.model_cfg.image_token_id} but the tokenizer's image "
+                      f"token is {self.tokenizer.image_token_id}: the tokenizer does not belong to this model")
     self.builders: dict[str, Any] = {}
     self.teacher: nnx.Module | None = None
     self.calib_batches: list[dict[str, np.ndarray]] = []
@@ -84,6 +89,10 @@ class Context:
   def new_model(self, seed: int = 0) -> nnx.Module:
     return llava.Llava(self.model_cfg, param_dtype=self.param_dtype, rngs=nnx.Rngs(seed))
 
+  def abstract_model(self) -> nnx.Module:
+    """The model's structure, shapes and dtypes without initialising any weight (a template)."""
+    return nnx.eval_shape(lambda: self.new_model())
+
   def source(self, builder_config: str, split: str):
     if builder_config not in self.builders:
       dc = self.config.data
@@ -94,7 +103,7 @@ class Context:
       self.builders[builder_config] = build()
     sources = self.builders[builder_config].as_data_source()
     if split not in sources:
-      raise ValueError(f"{self.config.data.name}/{builder_config} has no split {split!r}; it has {sorted(sources)}")
+      raise UserError(f"{self.config.data.name}/{builder_config} has no split {split!r}; it has {sorted(sources)}")
     return sources[split]
 
   @functools.cached_property
@@ -207,7 +216,8 @@ def stage_teacher(ctx: Context) -> None:
         train_lib.zero_init(model, ctx.config.train.zero_init)
       data = ctx.batches(dc.train_config, "train", batch_size=ctx.config.train.batch_size,
                          train=True, seed=ctx.config.seed, phases=ctx.config.train.phases)
-      model, history = train_lib.train(ctx.config, ctx.workdir, model, data, name="teacher")
+      model, history = train_lib.train(ctx.config.train, ctx.workdir, model, data, mesh=ctx.mesh,
+                                       rules=ctx.config.logical_axis_rules, name="teacher")
       loss = history[-1][1] if history else float("nan")
       minutes = (time.time() - t) / 60
       checkpointing.save_params(out_dir, model, {
@@ -265,31 +275,15 @@ def stage_calibrate(ctx: Context) -> None:
   print(f"[calibrate] {ctx.results['calibration']}")
 
 
-def binarized_size(layers: dict[str, Any]) -> dict[str, Any]:
-  """Bit accounting of the binarized layers by formula (sab_jax.quant.core.bits_core);
-  the bytes really written come from the `export` stage.
-
-  bits_per_weight: every stored bit of the binarized layers over their weight count;
-  nominal_bits: the papers' count over the same weights.
-  """
-  numel = {p: int(np.prod(r.binarized.w_hat.shape)) for p, r in layers.items()}
-  total = sum(numel.values())
-  stored = sum(r.binarized.stored_bits for r in layers.values())
-  nominal = sum(r.binarized.nominal_bits * numel[p] for p, r in layers.items())
-  return {"bits_per_weight": stored / total, "nominal_bits": nominal / total,
-          "binarized_weights": total, "binarized_layers": len(layers)}
-
-
 def _binarize_runs(qc) -> list[tuple[str, str, dict[str, Any], str]]:
   """(name, method, provider options, results bucket) for every configured run."""
-  from sab_jax.quant import providers
   runs = [(m, m, {}, "methods") for m in qc.methods]
   runs += [(name, v["method"], {k: x for k, x in v.items() if k != "method"}, "variants")
            for name, v in qc.variants.to_dict().items()]
   for name, method, _, _ in runs:
     if method not in providers.METHODS:
-      raise ValueError(f"unknown method {method!r} for {name!r} in config.quant; available: "
-                       f"{sorted(providers.METHODS)}")
+      raise UserError(f"unknown method {method!r} for {name!r} in config.quant; available: "
+                      f"{sorted(providers.METHODS)}")
   return runs
 
 
@@ -308,9 +302,6 @@ def stage_binarize(ctx: Context) -> None:
   <=1.2-stored-bit structured SAB) in results["variants"]. The binarized models stay in
   memory for the `export` stage; accuracy comes later, from the export (`eval`).
   """
-  from sab_jax.calib import calibrate
-  from sab_jax.quant import providers, rules as rules_lib
-
   qc = ctx.config.quant
   mesh = ctx.mesh
   for name, method, options, bucket in _binarize_runs(qc):
@@ -322,33 +313,30 @@ def stage_binarize(ctx: Context) -> None:
     layers = calibrate.binarize_model(model, ctx.calib_batches, provider, rules_lib.parse(qc.rules), mesh,
                                       progress=qc.progress)
     seconds = time.time() - t
-    size = binarized_size(layers)
     entry = {"method": method, "binarize_seconds": seconds, "provider": repr(provider),
-             "formula_bits_per_weight": size["bits_per_weight"], "nominal_bits": size["nominal_bits"],
-             "binarized_weights": size["binarized_weights"], "binarized_layers": size["binarized_layers"],
              "layer_output_rel_error": {p: r.relative_output_error for p, r in layers.items()}}
     ctx.results.setdefault(bucket, {})[name] = entry
     ctx.binarized[name] = (model, layers, provider)
     errs = np.array(list(entry["layer_output_rel_error"].values()))
-    print(f"[binarize] {name}: {size['bits_per_weight']:.3f} stored bits/weight by formula "
-          f"({size['nominal_bits']:.3f} nominal), mean layer output error {errs.mean():.4f}, {seconds:.1f} s")
+    print(f"[binarize] {name}: {len(layers)} layers, mean layer output error {errs.mean():.4f}, {seconds:.1f} s")
 
 
 def _write_export(ctx: Context, name: str, model: nnx.Module, layers: dict[str, Any], provider: Any
                   ) -> dict[str, Any]:
-  """Exports to `DIR/exports/<name>`; returns the results.json fields counted from the bytes written."""
-  from sab_jax import export as export_lib
+  """Exports to `DIR/exports/<name>`; returns the results.json fields: the bit and byte
+  totals as the writer counted them (bytes written; formula and nominal bits per weight)."""
   directory = os.path.join(ctx.workdir, "exports", name)
   info = export_lib.export(model, layers, name, provider, directory, config=ctx.config, overwrite=True,
                            int8_params=tuple(ctx.config.export.int8_params))
-  return {"bits_per_weight": info["bits_per_weight"], "model_bytes": info["model_bytes"],
-          "binarized_bytes": info["binarized_bytes"], "params_bytes": info["params_bytes"],
-          "export_dir": os.path.relpath(directory, ctx.workdir)}
+  fields = {k: info[k] for k in ("bits_per_weight", "formula_bits_per_weight", "nominal_bits", "binarized_weights",
+                                 "binarized_bytes", "params_bytes", "model_bytes")}
+  return dict(fields, binarized_layers=len(layers), export_dir=os.path.relpath(directory, ctx.workdir))
 
 
 def stage_export(ctx: Context) -> None:
-  """Writes each binarized model of this run as a packed export (`sab_jax.export`);
-  bits_per_weight and model_bytes in results.json are counted from the bytes written."""
+  """Writes each binarized model of this run as a packed export (`sab_jax.export`) and
+  records the writer's totals: bits_per_weight and model_bytes from the bytes written,
+  formula_bits_per_weight and nominal_bits from the layers' bit accounting."""
   for name, (model, layers, provider) in list(ctx.binarized.items()):
     bucket = "methods" if name in ctx.results.get("methods", {}) else "variants"
     t = time.time()
@@ -364,9 +352,6 @@ def stage_export(ctx: Context) -> None:
 def stage_distill(ctx: Context) -> None:
   """Quantization-aware distillation of each `config.distill.sources` export into
   `<source>_kd`, written as a packed export (evaluated by `eval`)."""
-  from sab_jax import export as export_lib
-  from sab_jax.train import distill
-
   dc = ctx.config.distill
   for source in dc.sources:
     name = f"{source}_kd"
@@ -374,30 +359,29 @@ def stage_distill(ctx: Context) -> None:
       continue
     src = ctx.results.get("methods", {}).get(source) or ctx.results.get("variants", {}).get(source)
     if not src or "export_dir" not in src:
-      raise ValueError(f"config.distill.sources names {source!r}, which has no export in this run: add it to "
-                       f"config.quant.methods (or variants) and keep the binarize and export stages before distill")
-    manifest, layers, _ = export_lib.read(os.path.join(ctx.workdir, src["export_dir"]), ctx.new_model())
+      raise MissingPrerequisite(
+          f"stage 'distill' needs the export of {source!r} (config.distill.sources) from stage 'export', and "
+          f"{ctx.results_path} lists none: add {source!r} to config.quant.methods (or variants) and run "
+          f"--config.stages=\"{_with_prerequisites(('distill',), on_disk=True)}\" (or distill from another method)")
+    manifest, layers, _ = export_lib.read(os.path.join(ctx.workdir, src["export_dir"]), ctx.abstract_model())
     provider = export_lib.provider_from_spec(manifest["provider"])
-    student = distill.build_student(ctx.teacher, layers, provider, clip=dc.clip)
-    config = ctx.config.copy_and_resolve_references()
-    with config.unlocked():
-      config.train = dc.train
+    student = distill.build_student(ctx.teacher, layers, clip=dc.clip)
     data = ctx.batches(ctx.config.data.train_config, "train", batch_size=dc.train.batch_size, train=True,
                        seed=ctx.config.seed + 2)
     t = time.time()
     loss_fn = functools.partial(distill.kd_loss, temperature=dc.temperature, ce_weight=dc.ce_weight,
                                 hidden_weight=dc.hidden_weight)
-    student, history = train_lib.train(config, ctx.workdir, student, data, loss_fn=loss_fn, name=f"distill_{source}",
-                                       teacher=ctx.teacher, wrt=distill.TRAINABLE)
+    student, history = train_lib.train(dc.train, ctx.workdir, student, data, mesh=ctx.mesh,
+                                       rules=ctx.config.logical_axis_rules, loss_fn=loss_fn,
+                                       name=f"distill_{source}", teacher=ctx.teacher, wrt=distill.TRAINABLE)
     seconds = time.time() - t
     bits = {layer["path"]: layer["bits"] for layer in manifest["layers"]}
-    written = _write_export(ctx, name, nnx.clone(ctx.teacher), distill.binarized_layers(student, provider, bits),
+    written = _write_export(ctx, name, nnx.clone(ctx.teacher), distill.binarized_layers(student, bits),
                             provider)
     final_loss = history[-1][1] if history else None
     ctx.results["methods"][name] = {
         "method": name, "distilled_from": source, "final_loss": final_loss, "distill_seconds_this_run": seconds,
-        "distill_steps": dc.train.num_steps, "provider": repr(provider), "nominal_bits": src["nominal_bits"],
-        "formula_bits_per_weight": src["formula_bits_per_weight"], **written}
+        "distill_steps": dc.train.num_steps, "provider": repr(provider), **written}
     ctx.results["final_loss"] = final_loss
     ctx.save_results()
     print(f"[distill] {name}: final loss {final_loss}, {seconds / 60:.1f} min, exported to {written['export_dir']}")
@@ -405,15 +389,18 @@ def stage_distill(ctx: Context) -> None:
 
 def stage_eval(ctx: Context) -> None:
   """Evaluates every exported model from its export, as a user would serve it
-  (`models.packed.from_export`: packed layers, the kernel on GPU)."""
-  from sab_jax.models import packed
-
+  (`serve.packed.from_export`: packed layers, the kernel on GPU)."""
+  if not any("export_dir" in e for b in ("methods", "variants") for e in ctx.results.get(b, {}).values()):
+    raise MissingPrerequisite(
+        f"stage 'eval' needs exports from stage 'export' (none in {ctx.results_path}): run the stages that make "
+        f"them on this workdir, e.g. --config.stages=\"{_with_prerequisites(('eval',), on_disk=True)}\", with at "
+        f"least one method in config.quant.methods")
   for bucket in ("methods", "variants"):
     for name, entry in ctx.results.get(bucket, {}).items():
       if "export_dir" not in entry or not _pending(ctx, "eval", name, bucket, "accuracy"):
         continue
       t = time.time()
-      model, _ = packed.from_export(os.path.join(ctx.workdir, entry["export_dir"]), ctx.new_model(),
+      model, _ = packed.from_export(os.path.join(ctx.workdir, entry["export_dir"]), ctx.abstract_model(),
                                     mode=ctx.config.eval.packed_mode)
       table = evaluate(ctx, model, name)
       entry.update(accuracy=table["accuracy"], per_type=table["per_type"], count=table["count"],
@@ -434,12 +421,52 @@ STAGES: dict[str, Callable[[Context], None]] = {
     "eval": stage_eval,
 }
 
+# What each stage reads that an earlier stage makes: {stage: ((that stage, what), ...)}. The
+# teacher, the calibration batches and the binarized models live in memory, so the stage that
+# makes them must run earlier in the same run (`check_order`, before anything runs). Exports
+# live on disk, listed in results.json by this run or an earlier one on the same workdir (a
+# resume), so `distill` and `eval` look for them where they read them.
+NEEDS: dict[str, tuple[tuple[str, str], ...]] = {
+    "data": (),
+    "teacher": (),
+    "eval_fp": (("teacher", "the teacher model"),),
+    "calibrate": (),  # draws training batches; the teacher is read by `binarize`
+    "binarize": (("teacher", "the teacher model"), ("calibrate", "the calibration batches")),
+    "export": (("binarize", "the binarized models"),),
+    "distill": (("teacher", "the teacher model"), ("export", "exports")),
+    "eval": (("export", "exports"),),
+}
+ON_DISK = ("export",)  # stages whose output outlives the run
+
+
+def _with_prerequisites(stages, *, on_disk: bool = False) -> tuple[str, ...]:
+  """`stages` and every stage they need (with `on_disk`, also those writing exports), in pipeline order."""
+  want, todo = set(), list(stages)
+  while todo:
+    stage = todo.pop()
+    if stage not in want:
+      want.add(stage)
+      todo += [before for before, _ in NEEDS[stage] if on_disk or before not in ON_DISK]
+  return tuple(s for s in STAGES if s in want)
+
+
+def check_order(stages) -> None:
+  """Raises MissingPrerequisite for a stage whose in-memory inputs no earlier stage of the run makes."""
+  stages = tuple(stages)
+  for i, stage in enumerate(stages):
+    for before, what in NEEDS[stage]:
+      if before not in ON_DISK and before not in stages[:i]:
+        raise MissingPrerequisite(
+            f"stage {stage!r} needs {what} from stage {before!r}, which config.stages={stages} does not run "
+            f"before it (kept in memory, not on disk): use --config.stages=\"{_with_prerequisites(stages)}\"")
+
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Runs `config.stages` in order; returns the results dict (also in workdir/results.json)."""
   unknown = [s for s in config.stages if s not in STAGES]
   if unknown:
-    raise ValueError(f"unknown stage(s) {unknown} in config.stages; available: {list(STAGES)}")
+    raise UserError(f"unknown stage(s) {unknown} in config.stages; available: {list(STAGES)}")
+  check_order(config.stages)
   os.makedirs(workdir, exist_ok=True)
   ctx = Context(config, workdir)
   for name in config.stages:

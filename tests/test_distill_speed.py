@@ -14,14 +14,32 @@ BLOCK = ("import sys\n"
          "  sys.modules[m] = None  # any import of them now fails\n")
 
 
+# Records each trace of the library's train step (loss, teacher type): the benchmark must time
+# `train.train_step` itself, not a copy of it.
+SPY = ("import json\n"
+       "from sab_jax.train import train as train_lib\n"
+       "traced, library_step = [], train_lib.train_step\n"
+       "def spy(model, optimizer, teacher, batch, *, loss_fn, wrt):\n"
+       "  name = getattr(loss_fn, 'func', loss_fn).__name__\n"
+       "  traced.append([name, type(teacher).__name__, getattr(wrt, '__name__', type(wrt).__name__)])\n"
+       "  return library_step(model, optimizer, teacher, batch, loss_fn=loss_fn, wrt=wrt)\n"
+       "train_lib.train_step = spy\n")
+
+
 def test_runs_without_ml_collections_tfds_grain_and_writes_the_timings(tmp_path):
   out = tmp_path / "speed.json"
-  code = (BLOCK + "import runpy\n"
+  code = (BLOCK + SPY + "import runpy\n"
           f"sys.argv = ['distill_speed.py', '--variant', 'test', '--batch', '4', '--steps', '3', '--warmup', '1', "
           f"'--source', 'xnor', '--out', {str(out)!r}]\n"
-          f"runpy.run_path({os.path.abspath(SCRIPT)!r}, run_name='__main__')\n")
+          f"runpy.run_path({os.path.abspath(SCRIPT)!r}, run_name='__main__')\n"
+          f"json.dump(traced, open({str(tmp_path / 'traced.json')!r}, 'w'))\n")
   p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900)
   assert p.returncode == 0, p.stderr[-3000:]
+  # (a) CE, no teacher; (b) the student's latents and scales and (c) every Param, KD against the
+  # fixed teacher; (d) the student against the real teacher
+  traced = {tuple(t) for t in json.loads((tmp_path / "traced.json").read_text())}
+  assert traced == {("answer_cross_entropy", "NoneType", "Param"), ("kd_loss", "FixedTeacher", "Any"),
+                    ("kd_loss", "FixedTeacher", "Param"), ("kd_loss", "Llava", "Any")}, traced
   info = json.loads(out.read_text())
   for name in ("fp_ce", "student_kd", "fp_kd", "distill"):
     row = info["rows"][name]

@@ -11,6 +11,17 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(REPO, "experiments", "configs", "demo.py")
 
 
+def _config(arg="smoke", **fields):
+  """The demo config as main builds it from `--config=demo.py:arg --config.key=value`."""
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("demo_config", DEMO)
+  demo = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(demo)
+  c = demo.get_config(arg)
+  c.update(fields)
+  return c
+
+
 def _run(tmp_path, *args):
   env = dict(os.environ, TFDS_DATA_DIR=str(tmp_path / "tfds"))
   return subprocess.run([sys.executable, "-m", "sab_jax.main", *args], cwd=REPO, env=env,
@@ -44,6 +55,10 @@ def test_smoke_retrain_writes_results_and_resumes(tmp_path):
   assert again.returncode == 0, again.stderr[-3000:]
   assert "already trained" in again.stdout and "already in results.json" in again.stdout
   assert "[binarize] sab already in results.json" in again.stdout
+  # eval alone on a workdir whose results.json lists exports is a legitimate resume
+  from sab_jax import stages
+  before = json.load(open(wd / "results.json"))
+  assert stages.run(_config("smoke,retrain", stages=("eval",)), str(wd)) == before
 
   # Step 2 of the shipped teacher's recipe on this step-1 teacher: image coordinates (new,
   # randomly initialised) + the relation curriculum, warm-started from it.
@@ -85,6 +100,50 @@ def test_missing_teacher_names_the_fix(tmp_path):
            f"--config.teacher.init={tmp_path / 'nowhere'}")
   assert p.returncode != 0
   assert "retrain" in p.stderr and "nowhere" in p.stderr
+
+
+def test_eval_alone_on_an_empty_workdir_is_one_line_naming_the_export_stage(tmp_path):
+  wd = tmp_path / "wd"
+  p = _run(tmp_path, f"--config={DEMO}:smoke", f"--workdir={wd}", "--config.stages=('eval',)")
+  assert p.returncode == 1, p.stderr[-3000:]
+  errors = [line for line in p.stderr.splitlines() if line.startswith("error: ")]
+  assert len(errors) == 1 and "Traceback" not in p.stderr, p.stderr[-3000:]
+  assert "stage 'eval' needs exports from stage 'export'" in errors[0] and "results.json" in errors[0]
+  assert "'binarize', 'export', 'eval'" in errors[0]  # the stages to run instead
+  assert not (wd / "results.json").exists()  # not a results.json of nothing, as before
+
+
+def test_eval_with_no_exports_raises_missing_prerequisite(tmp_path):
+  from sab_jax import errors, stages
+  with pytest.raises(errors.MissingPrerequisite, match="stage 'export'"):
+    stages.run(_config(stages=("eval",)), str(tmp_path))
+
+
+@pytest.mark.parametrize("order, missing", [
+    (("binarize", "export"), "stage 'teacher'"),
+    (("data", "teacher", "binarize", "export", "eval"), "the calibration batches from stage 'calibrate'"),
+    (("teacher", "binarize", "calibrate"), "stage 'calibrate'"),  # too late
+    (("export", "eval"), "the binarized models from stage 'binarize'"),
+    (("eval_fp", "teacher"), "stage 'teacher'"),
+    (("data", "distill", "eval"), "stage 'teacher'"),
+])
+def test_a_stage_order_missing_a_prerequisite_is_refused_before_any_work(tmp_path, order, missing):
+  from sab_jax import errors, stages
+  wd = tmp_path / "wd"
+  with pytest.raises(errors.MissingPrerequisite, match=missing) as e:
+    stages.run(_config(stages=order), str(wd))
+  assert not wd.exists()  # nothing was built, written or trained
+  suggested = eval(str(e.value).split("--config.stages=")[1].strip('"'))
+  stages.check_order(suggested)  # the order the message proposes is complete
+  assert set(order) <= set(suggested)
+
+
+def test_complete_orders_and_resumable_stages_pass_the_check():
+  from sab_jax import stages
+  stages.check_order(_config().stages)
+  for order in [("data", "teacher", "eval_fp"), ("eval",), ("teacher", "distill", "eval"), ("data",),
+                ("teacher", "calibrate", "binarize", "export")]:
+    stages.check_order(order)
 
 
 def test_config_parse_arg_types():

@@ -1,11 +1,13 @@
 """Cost of one quantization-aware distillation step against plain fine-tuning (issue 5).
 
 Times, in one run on the same model shapes and the same synthetic batch, one jitted
-fwd + bwd + AdamW step (the body of `train.train`'s `step_fn`, donation included) of
+fwd + bwd + AdamW step (`train.make_train_step`, the step `train.train` runs, donation
+included) of
   a  fp_ce       the full-precision model on the answer cross-entropy, every Param trained;
   b  student_kd  the binarized student (`distill.build_student`, BinaryDense layers) on the
-                 KD loss against FIXED precomputed teacher logits, wrt=distill.TRAINABLE;
-  c  fp_kd       the full-precision model on that same fixed-logit KD loss, every Param trained;
+                 KD loss against a FIXED teacher (`FixedTeacher`: precomputed logits and
+                 hidden states, no forward), wrt=distill.TRAINABLE;
+  c  fp_kd       the full-precision model on that same fixed-teacher KD loss, every Param trained;
   d  distill     the whole distillation step as `train.train` runs it: teacher forward +
                  student fwd/bwd + update;
 plus a diagnostic
@@ -44,7 +46,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from sab_jax.models import llava, packed
+from sab_jax.models import llava, paths
 from sab_jax.quant import binary_dense, providers, rules
 from sab_jax.quant.providers.base import LayerStats
 from sab_jax.train import distill, train
@@ -93,40 +95,31 @@ def synthetic_batch(cfg: llava.LlavaConfig, batch: int, prompt_len: int, answer_
 
 
 def ptq_parts(model: nnx.Module, provider, *, tokens_per_input: int = 4, seed: int = 0
-              ) -> dict[str, dict[str, np.ndarray]]:
+              ) -> dict[str, providers.Parts]:
   """PTQ parts of every decoder kernel (rules.DECODER_ONLY), from random calibration statistics."""
   stats, layers = {}, {}
   for path in rules.select(model, rules.DECODER_ONLY):
-    kernel = packed.get_layer(model, path).kernel[...]
+    kernel = paths.get(model, path).kernel[...]
     n = kernel.shape[0]
     if n not in stats:
       N = tokens_per_input * n
       x = jax.random.normal(jax.random.key(seed + n), (N, n), jnp.float32)
       h = 2.0 / N * x.T @ x
       stats[n] = LayerStats(h, h, N // 2, N - N // 2)
-    layers[path] = {k: np.asarray(v) for k, v in provider(kernel, stats[n]).parts.items()}
+    layers[path] = provider(kernel, stats[n]).parts.map(np.asarray)
   return layers
 
 
-def make_step(loss_fn, wrt):
-  """`train.train`'s step_fn; `fixed` (precomputed teacher logits) stands in for the teacher forward."""
+class FixedTeacher(nnx.Module):
+  """A teacher whose `forward` returns precomputed logits and hidden states: the library's
+  distillation step then runs without the cost of a teacher forward."""
 
-  @nnx.jit(donate_argnums=(0, 1))
-  def step_fn(model, optimizer, teacher, batch, fixed):
-    inputs = (batch["input_ids"], batch["pixel_values"], batch["attention_mask"])
-    if teacher is not None:
-      extra = (jax.lax.stop_gradient(teacher(*inputs)),)
-    else:
-      extra = () if fixed is None else (fixed,)
+  def __init__(self, teacher: nnx.Module, inputs):
+    logits, aux = jax.block_until_ready(nnx.jit(lambda m, *x: m.forward(*x))(teacher, *inputs))
+    self.logits, self.hidden = nnx.Variable(logits), nnx.Variable(aux["hidden"])
 
-    def loss_of(m):
-      return loss_fn(m(*inputs), batch, *extra)
-
-    loss, grads = nnx.value_and_grad(loss_of, argnums=nnx.DiffState(0, wrt))(model)
-    optimizer.update(model, grads)
-    return loss
-
-  return step_fn
+  def forward(self, *inputs):
+    return self.logits[...], {"hidden": self.hidden[...]}
 
 
 def make_w_hat_step(student: nnx.Module):
@@ -175,23 +168,23 @@ def run(args) -> dict:
   t = time.perf_counter()
   parts = ptq_parts(teacher, provider, seed=args.seed)
   build_s = time.perf_counter() - t
-  student_b = distill.build_student(teacher, parts, provider, clip=1.0)
-  student_d = distill.build_student(teacher, parts, provider, clip=1.0)
+  student_b = distill.build_student(teacher, parts, clip=1.0)
+  student_d = distill.build_student(teacher, parts, clip=1.0)
   print(f"[distill_speed] {args.variant}: {len(parts)} decoder layers binarized with {provider!r} in "
         f"{build_s:.1f} s; batch {B} x {L} tokens on {jax.devices()[0]}", flush=True)
 
   inputs = (batch["input_ids"], batch["pixel_values"], batch["attention_mask"])
-  fixed = jax.block_until_ready(nnx.jit(lambda m, *x: m(*x))(teacher, *inputs))
-  step_ce, step_kd = make_step(train.answer_cross_entropy, nnx.Param), make_step(kd, nnx.Param)
-  step_student = make_step(kd, distill.TRAINABLE)
+  fixed = FixedTeacher(teacher, inputs)
+  step_ce = train.make_train_step(train.answer_cross_entropy, nnx.Param)
+  step_kd, step_student = train.make_train_step(kd, nnx.Param), train.make_train_step(kd, distill.TRAINABLE)
   opt = lambda m, wrt: nnx.Optimizer(m, train.make_optimizer(OPTIMIZER), wrt=wrt)
   opt_a, opt_c = opt(fp_a, nnx.Param), opt(fp_c, nnx.Param)
   opt_b, opt_d = opt(student_b, distill.TRAINABLE), opt(student_d, distill.TRAINABLE)
   runs = {
-      "fp_ce": lambda: step_ce(fp_a, opt_a, None, batch, None),
-      "student_kd": lambda: step_student(student_b, opt_b, None, batch, fixed),
-      "fp_kd": lambda: step_kd(fp_c, opt_c, None, batch, fixed),
-      "distill": lambda: step_student(student_d, opt_d, teacher, batch, None),
+      "fp_ce": lambda: step_ce(fp_a, opt_a, None, batch),
+      "student_kd": lambda: step_student(student_b, opt_b, fixed, batch),
+      "fp_kd": lambda: step_kd(fp_c, opt_c, fixed, batch),
+      "distill": lambda: step_student(student_d, opt_d, teacher, batch),
       "w_hat_only": make_w_hat_step(student_b),
   }
   trained = {"fp_ce": n_params(fp_a, nnx.Param), "student_kd": n_params(student_b, distill.TRAINABLE),

@@ -1,6 +1,6 @@
 """Quantization-aware distillation: the full-precision teacher into its binarized student.
 
-The student is the teacher with every layer of a PTQ export (xnor, arb_rc or sab) replaced
+The student is the teacher with every layer of a PTQ export (any method) replaced
 by a `quant.binary_dense.BinaryDense` initialised from that export's parts, so step 0 is
 the PTQ model exactly. Only the latent weights and the scales train (`TRAINABLE`); the
 other parameters stay the teacher's. The loop is `train.train` with the teacher passed in
@@ -18,8 +18,10 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from sab_jax.models import paths
 from sab_jax.quant import binary_dense
 from sab_jax.quant import providers as providers_lib
+from sab_jax.quant.providers import base
 
 TRAINABLE = nnx.Any(binary_dense.Latent, binary_dense.Scale)
 
@@ -49,26 +51,23 @@ def kd_loss(logits: jax.Array, batch: Mapping[str, jax.Array], teacher_logits: j
   return loss
 
 
-def build_student(teacher: nnx.Module, layers: Mapping[str, Mapping[str, Any]], provider: Any, *,
+def build_student(teacher: nnx.Module, layers: Mapping[str, providers_lib.Parts], *,
                   clip: float = 1.0) -> nnx.Module:
-  """A copy of `teacher` whose layers in `layers` ({path: PTQ parts}) are BinaryDense."""
-  from sab_jax.models import packed
-  if not binary_dense.supports(provider):
-    raise ValueError(f"distillation starts from an xnor, arb_rc or sab export, not {provider!r}; set "
-                     f"config.distill.sources accordingly")
+  """A copy of `teacher` whose layers in `layers` ({path: PTQ typed parts}) are BinaryDense."""
   student = nnx.clone(teacher)
   # own buffers: the training step donates the student's, and the teacher is an argument of that same call
   nnx.update(student, jax.tree.map(lambda a: jnp.array(a, copy=True), nnx.state(student)))
   for path, parts in layers.items():
-    dense = packed.get_layer(student, path)
+    dense = paths.get(student, path)
     bias = None if dense.bias is None else dense.bias[...]
     axes = dense.kernel.get_metadata().get("out_sharding") or ("embed", "mlp")
-    packed.replace_layer(student, path, binary_dense.BinaryDense(
-        provider, parts, tuple(dense.kernel[...].shape), bias=bias, dtype=dense.dtype, clip=clip, axes=axes))
+    if tuple(parts.shape) != tuple(dense.kernel.shape):
+      raise ValueError(f"layer {path!r}: the parts are {parts.shape}, the teacher's kernel {dense.kernel.shape}")
+    paths.replace(student, path, binary_dense.BinaryDense(parts, bias=bias, dtype=dense.dtype, clip=clip, axes=axes))
   return student
 
 
-def binarized_layers(student: nnx.Module, provider: Any, bits: Mapping[str, Mapping[str, Any]]
+def binarized_layers(student: nnx.Module, bits: Mapping[str, Mapping[str, Any]]
                      ) -> dict[str, providers_lib.Binarized]:
   """The student's BinaryDense layers as `Binarized` (parts, exact Ŵ), ready for `export`.
 
@@ -77,9 +76,9 @@ def binarized_layers(student: nnx.Module, provider: Any, bits: Mapping[str, Mapp
   out = {}
   for path, m in nnx.iter_graph(student):
     if isinstance(m, binary_dense.BinaryDense):
-      p = ".".join(str(x) for x in path)
-      parts = {k: jnp.asarray(v) for k, v in m.to_parts().items()}
-      w_hat = provider.dequantize(parts, m.in_features)
+      p = paths.dotted(path)
+      parts = m.to_parts()
+      w_hat = base.dequantize(parts)
       b = bits[p]
       out[p] = providers_lib.Binarized(w_hat, float(b["nominal_bits"]), int(b["formula_stored_bits"]), parts, {})
   return out

@@ -1,8 +1,10 @@
 """Training loop: one flat function in banner sections (big_vision's train.py shape).
 
-Trains the full-precision LVLM on answer tokens (the embedded workload's teacher).
-Sharded over `config.mesh` with logical-axis rules; parameters and optimiser state are
-initialised into their shardings, batches are assembled from each process's shard.
+Trains the full-precision LVLM on answer tokens (the embedded workload's teacher), or a
+student against a teacher (`distill`). Sharded over the mesh it is given with logical-axis
+rules; parameters and optimiser state are initialised into their shardings, batches are
+assembled from each process's shard. The step (`train_step`) is a module-level function
+so that benchmarks time exactly what training runs.
 Resume order: this workdir's latest checkpoint > the model as passed in (random or
 loaded by the caller). A resumed run continues the same data order and ends where an
 uninterrupted one would.
@@ -10,8 +12,10 @@ uninterrupted one would.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
+import re
 import time
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -21,7 +25,8 @@ import numpy as np
 import optax
 from flax import nnx
 
-from sab_jax import sharding as sharding_lib
+from sab_jax import errors, sharding as sharding_lib
+from sab_jax.quant import rules as rules_lib
 from sab_jax.train import checkpointing
 
 if TYPE_CHECKING:  # configs are ConfigDicts, but the GPU image has no ml-collections
@@ -44,15 +49,13 @@ def zero_init(model: nnx.Module, pattern: str) -> list[str]:
   mixes the 16 patch features into near copies of each other, and the LVLM sits on the
   answer prior for thousands of steps before it learns to look at the image.
   """
-  import re
-  from sab_jax.quant import rules as rules_lib
   hit = []
   for path, dense in rules_lib.dense_layers(model):
     if re.fullmatch(pattern, path):
       dense.kernel[...] = jnp.zeros_like(dense.kernel[...])
       hit.append(path)
   if pattern and not hit:
-    raise ValueError(f"config.train.zero_init={pattern!r} matches no Dense layer")
+    raise errors.UserError(f"config.train.zero_init={pattern!r} matches no Dense layer")
   return hit
 
 
@@ -64,7 +67,7 @@ def make_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformati
   instead of stopping the run at the next log step.
   """
   if not 0 <= cfg.warmup_steps < cfg.num_steps:
-    raise ValueError(f"warmup_steps={cfg.warmup_steps} must be in [0, num_steps={cfg.num_steps}): lower "
+    raise errors.UserError(f"warmup_steps={cfg.warmup_steps} must be in [0, num_steps={cfg.num_steps}): lower "
                      f"config.train.warmup_steps (config.distill.train.warmup_steps when distilling)")
   schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, cfg.warmup_steps, cfg.num_steps,
                                                 end_value=cfg.lr * cfg.final_lr_fraction)
@@ -72,7 +75,7 @@ def make_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformati
                    optax.adamw(schedule, b1=0.9, b2=0.98, weight_decay=cfg.weight_decay))
   policy = getattr(cfg, "nonfinite", "stop")
   if policy not in ("stop", "skip"):
-    raise ValueError(f"config.train.nonfinite={policy!r}: use 'stop' or 'skip'")
+    raise errors.UserError(f"config.train.nonfinite={policy!r}: use 'stop' or 'skip'")
   return optax.apply_if_finite(tx, max_consecutive_errors=10) if policy == "skip" else tx
 
 
@@ -82,31 +85,64 @@ def _device_batch(batch: dict[str, np.ndarray], mesh, keys) -> dict[str, jax.Arr
           for k in keys}
 
 
-def train(config: ml_collections.ConfigDict, workdir: str, model: nnx.Module, data: Any,
-          *, loss_fn: Callable = answer_cross_entropy, name: str = "train", teacher: nnx.Module | None = None,
-          wrt: Any = nnx.Param, mesh: Any = None) -> tuple[nnx.Module, list[tuple[int, float]]]:
-  """Trains `model` in place on `data` for `config.train.num_steps` steps.
+def train_step(model: nnx.Module, optimizer: nnx.Optimizer, teacher: nnx.Module | None,
+               batch: dict[str, jax.Array], *, loss_fn: Callable, wrt: Any = nnx.Param) -> jax.Array:
+  """One forward, backward and optimiser update of `model` in place; returns the loss.
+
+  Without a teacher: `loss_fn(logits, batch)`. With one (distillation): the teacher runs
+  on the same inputs, gradient-free, and `loss_fn(logits, batch, teacher_logits, hidden,
+  teacher_hidden)` sees both models' logits and final hidden states (`forward`). Only the
+  variables matching `wrt` are differentiated and updated. Not jitted: `make_train_step`
+  is, and the benchmarks time that same function.
+  """
+  inputs = (batch["input_ids"], batch["pixel_values"], batch["attention_mask"])
+  if teacher is not None:
+    t_logits, t_aux = jax.lax.stop_gradient(teacher.forward(*inputs))
+
+  def loss_of(m):
+    if teacher is None:
+      return loss_fn(m(*inputs), batch)
+    logits, aux = m.forward(*inputs)
+    return loss_fn(logits, batch, t_logits, aux["hidden"], t_aux["hidden"])
+
+  loss, grads = nnx.value_and_grad(loss_of, argnums=nnx.DiffState(0, wrt))(model)
+  optimizer.update(model, grads)
+  return loss
+
+
+def make_train_step(loss_fn: Callable = answer_cross_entropy, wrt: Any = nnx.Param) -> Callable:
+  """`train_step` for one loss and filter, jitted; (model, optimizer, teacher, batch) -> loss.
+
+  The model's and optimiser's buffers are donated (updated in place, no second copy of
+  the parameters and moments); a teacher passed in must not share them.
+  """
+  return nnx.jit(functools.partial(train_step, loss_fn=loss_fn, wrt=wrt), donate_argnums=(0, 1))
+
+
+def train(tc: ml_collections.ConfigDict, workdir: str, model: nnx.Module, data: Any, *, mesh: Any,
+          rules: Any, loss_fn: Callable = answer_cross_entropy, name: str = "train",
+          teacher: nnx.Module | None = None, wrt: Any = nnx.Param) -> tuple[nnx.Module, list[tuple[int, float]]]:
+  """Trains `model` in place on `data` for `tc.num_steps` steps.
 
   Args:
-    config: the run config (uses `train`, `mesh`, `logical_axis_rules`).
+    tc: the training settings (`config.train`, or `config.distill.train` when distilling):
+      num_steps, the optimiser's (`make_optimizer`), log_every, checkpoint_every, keep_checkpoints.
     workdir: checkpoints go to `workdir/checkpoints/<name>`, TensorBoard to `workdir/tb/<name>`.
     model: the model to train (its current weights are the starting point).
     data: a `grain.IterDataset` of pipeline batches (repeating).
-    loss_fn: (logits, batch) -> scalar; with a teacher (logits, batch, teacher_logits, hidden,
-      teacher_hidden), the hidden states being the decoders' final ones (`forward`).
+    mesh: the device mesh to train on (`sharding.make_mesh`).
+    rules: logical-axis rules placing parameters and optimiser state on `mesh` (`config.logical_axis_rules`).
+    loss_fn: as `train_step` takes it.
     name: the run's name under workdir.
-    teacher: a frozen model run on the same batch, on the same mesh (distillation).
+    teacher: a frozen model run on the same batch, placed on the same mesh (distillation).
     wrt: which variables the optimiser updates (an nnx filter; default every Param).
-    mesh: overrides `config.mesh` (e.g. a mesh over a subset of the devices).
   Returns:
     (the trained model, [(step, mean loss since the previous log)] for this run's steps).
   """
-  tc = config.train
   keys = ("input_ids", "attention_mask", "loss_mask", "pixel_values")
 
-  # --- mesh and shardings ------------------------------------------------------------
-  mesh = mesh if mesh is not None else sharding_lib.make_mesh(dict(config.mesh))
-  rules = tuple(tuple(r) for r in config.logical_axis_rules)
+  # --- shardings -----------------------------------------------------------------------
+  rules = tuple(tuple(r) for r in rules)
   graphdef, state = nnx.split(model)
   state = jax.device_put(state, sharding_lib.state_shardings(state, mesh, rules))
   model = nnx.merge(graphdef, state)
@@ -127,23 +163,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, model: nnx.Module, da
     if data_state:
       data_iter.set_state(data_state)
     print(f"[{name}] resuming from checkpoint step {start} in {ckpt_dir}", flush=True)
-
-  # --- step ----------------------------------------------------------------------------
-  @nnx.jit(donate_argnums=(0, 1))
-  def step_fn(model, optimizer, teacher, batch):
-    inputs = (batch["input_ids"], batch["pixel_values"], batch["attention_mask"])
-    if teacher is not None:  # distillation: logits and final hidden states of both
-      t_logits, t_aux = jax.lax.stop_gradient(teacher.forward(*inputs))
-
-    def loss_of(m):
-      if teacher is None:
-        return loss_fn(m(*inputs), batch)
-      logits, aux = m.forward(*inputs)
-      return loss_fn(logits, batch, t_logits, aux["hidden"], t_aux["hidden"])
-
-    loss, grads = nnx.value_and_grad(loss_of, argnums=nnx.DiffState(0, wrt))(model)
-    optimizer.update(model, grads)
-    return loss
+  step_fn = make_train_step(loss_fn, wrt)
 
   # --- loop ----------------------------------------------------------------------------
   writer = _summary_writer(os.path.join(workdir, "tb", name))

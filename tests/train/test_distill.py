@@ -13,13 +13,15 @@ from sab_jax import sharding
 from sab_jax.data import pipeline, synthetic_vqa, tokenizer
 from sab_jax.models import llava
 from sab_jax.quant import binary_dense, providers, rules
+from sab_jax.quant.core import binarize_core
 from sab_jax.quant.providers.base import LayerStats
 from sab_jax.train import distill, train
 
 from experiments.configs import demo as demo_config
 
 PROVIDERS = {"xnor": providers.Xnor(), "sab_structured": providers.Sab(structured=True),
-             "arb_rc": providers.ArbRc(), "sab": providers.Sab()}
+             "arb_rc": providers.ArbRc(), "sab": providers.Sab(), "billm": providers.BiLLM(),
+             "pbllm": providers.PbLlm()}
 
 
 def _stats(rng, n_in):
@@ -31,9 +33,9 @@ def _stats(rng, n_in):
 def test_ste_gradient_is_the_clipped_identity():
   x = jnp.asarray([-2.0, -0.5, 0.0, 0.3, 0.9, 1.5])
   g = jnp.asarray([1.0, 2.0, 3.0, 4.0, 5.0, 6.0])
-  grad = jax.grad(lambda v: jnp.sum(binary_dense.ste_sign(v, jnp.float32(1.0)) * g))(x)
+  grad = jax.grad(lambda v: jnp.sum(binarize_core.ste_sign(v, jnp.float32(1.0)) * g))(x)
   np.testing.assert_array_equal(np.asarray(grad), [0.0, 2.0, 3.0, 4.0, 5.0, 0.0])
-  np.testing.assert_array_equal(np.asarray(binary_dense.ste_sign(x, jnp.float32(1.0))), [-1, -1, 1, 1, 1, 1])
+  np.testing.assert_array_equal(np.asarray(binarize_core.ste_sign(x, jnp.float32(1.0))), [-1, -1, 1, 1, 1, 1])
 
 
 @pytest.mark.parametrize("name", list(PROVIDERS))
@@ -42,13 +44,13 @@ def test_binary_dense_starts_as_the_ptq_layer(name, shape):
   rng = np.random.default_rng(shape[0])
   w = jnp.asarray(rng.standard_normal(shape).astype(np.float32) * 0.02)
   b = PROVIDERS[name](w, _stats(rng, shape[0]))
-  parts = {k: np.asarray(v) for k, v in b.parts.items()}
-  layer = binary_dense.BinaryDense(PROVIDERS[name], parts, shape)
+  parts = b.parts.map(np.asarray)
+  layer = binary_dense.BinaryDense(parts)
   np.testing.assert_array_equal(np.asarray(layer.weight()), np.asarray(b.w_hat))
   back = layer.to_parts()
-  assert set(back) == set(parts)
-  for k in parts:
-    np.testing.assert_array_equal(back[k], parts[k], err_msg=k)
+  assert type(back) is type(parts) and back.meta() == parts.meta() and set(back.arrays()) == set(parts.arrays())
+  for k, v in parts.arrays().items():
+    np.testing.assert_array_equal(back.arrays()[k], v, err_msg=k)
 
 
 def test_only_latents_and_scales_get_gradients_and_masks_never_change():
@@ -57,7 +59,7 @@ def test_only_latents_and_scales_get_gradients_and_masks_never_change():
   w = jnp.asarray(rng.standard_normal(shape).astype(np.float32) * 0.02)
   provider = providers.ArbRc()
   b = provider(w, _stats(rng, shape[0]))
-  layer = binary_dense.BinaryDense(provider, {k: np.asarray(v) for k, v in b.parts.items()}, shape)
+  layer = binary_dense.BinaryDense(b.parts)
   x = jnp.asarray(rng.standard_normal((4, shape[0])).astype(np.float32))
   grads = nnx.grad(lambda m: jnp.sum(m(x) ** 2), argnums=nnx.DiffState(0, distill.TRAINABLE))(layer)
   kinds = {type(v) for v in jax.tree.leaves(grads, is_leaf=lambda v: isinstance(v, nnx.Variable))}
@@ -76,13 +78,12 @@ def test_latent_gradient_of_an_xnor_layer():
   n_in, n_out = 64, 32
   w = jnp.asarray(rng.standard_normal((n_in, n_out)).astype(np.float32))
   b = providers.Xnor()(w, _stats(rng, n_in))
-  layer = binary_dense.BinaryDense(providers.Xnor(), {k: np.asarray(v) for k, v in b.parts.items()}, (n_in, n_out),
-                                   clip=0.5)
+  layer = binary_dense.BinaryDense(b.parts, clip=0.5)
   layer.kernel[...] = w  # latent wider than the clip in places
   x = jnp.asarray(rng.standard_normal((3, n_in)).astype(np.float32))
   g = jnp.asarray(rng.standard_normal((3, n_out)).astype(np.float32))
   grads = nnx.grad(lambda m: jnp.sum(m(x) * g), argnums=nnx.DiffState(0, binary_dense.Latent))(layer)
-  a = np.asarray(layer.alpha_out[...][0, 0])
+  a = np.asarray(layer.alpha_out[...])
   inside = np.abs(np.asarray(w)) <= 0.5 * a.max()
   want = (np.asarray(x).T @ np.asarray(g)) * a[None, :] * inside
   np.testing.assert_allclose(np.asarray(grads["kernel"][...]), want, rtol=1e-5, atol=1e-6)
@@ -137,17 +138,16 @@ def teacher_and_parts():
   rng = np.random.default_rng(0)
   layers = {}
   for path in rules.select(teacher, rules.DECODER_ONLY):
-    from sab_jax.models import packed
-    k = packed.get_layer(teacher, path).kernel[...]
-    layers[path] = {kk: np.asarray(v) for kk, v in providers.Xnor()(k, _stats(rng, k.shape[0])).parts.items()}
+    from sab_jax.models import paths
+    k = paths.get(teacher, path).kernel[...]
+    layers[path] = providers.Xnor()(k, _stats(rng, k.shape[0])).parts.map(np.asarray)
   return teacher, layers
 
 
 def _config(steps, mesh=None):
   c = demo_config.get_config("smoke")
   c.unlock()
-  c.train = c.distill.train
-  c.train.update(num_steps=steps, log_every=1, checkpoint_every=2, warmup_steps=1, lr=1e-3)
+  c.distill.train.update(num_steps=steps, log_every=1, checkpoint_every=2, warmup_steps=1, lr=1e-3)
   if mesh:
     c.mesh = ml_collections.ConfigDict(mesh)
   return c
@@ -155,12 +155,12 @@ def _config(steps, mesh=None):
 
 def _distil(tmp, source, teacher_and_parts, steps, mesh=None, devices=None):
   teacher, layers = teacher_and_parts
-  student = distill.build_student(teacher, layers, providers.Xnor())
+  student = distill.build_student(teacher, layers)
   cfg = _config(steps, mesh)
-  m = sharding.make_mesh(dict(cfg.mesh), devices=devices) if devices else None
+  m = sharding.make_mesh(dict(cfg.mesh), devices=devices)
   loss_fn = functools.partial(distill.kd_loss, ce_weight=0.1, hidden_weight=0.5)  # every term on
-  return train.train(cfg, str(tmp), student, _data(source), loss_fn=loss_fn, name="kd", teacher=teacher,
-                     wrt=distill.TRAINABLE, mesh=m)
+  return train.train(cfg.distill.train, str(tmp), student, _data(source), mesh=m, rules=cfg.logical_axis_rules,
+                     loss_fn=loss_fn, name="kd", teacher=teacher, wrt=distill.TRAINABLE)
 
 
 def _on_device_0(model):
@@ -187,7 +187,7 @@ def test_distillation_on_8_devices_matches_1_device(tmp_path, source, teacher_an
     return float(distill.kd_loss(logits, batch, t_logits, aux["hidden"], t_aux["hidden"], ce_weight=0.1,
                                  hidden_weight=0.5))
 
-  assert kd(_on_device_0(student)) < kd(distill.build_student(teacher, layers, providers.Xnor()))
+  assert kd(_on_device_0(student)) < kd(distill.build_student(teacher, layers))
   # frozen parameters are the teacher's, untouched
   teacher = teacher_and_parts[0]
   np.testing.assert_array_equal(np.asarray(student.language_model.embed_tokens.embedding[...]),

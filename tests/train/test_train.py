@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from sab_jax import sharding
 from sab_jax.data import pipeline, synthetic_vqa, tokenizer
 from sab_jax.models import llava
 from sab_jax.train import checkpointing, train
@@ -37,6 +38,12 @@ def _data(source, batch_size=8):
 
 def _model():
   return llava.Model("demo", rngs=nnx.Rngs(0))
+
+
+def _train(cfg, workdir, model, data, **kw):
+  """train.train as the teacher stage calls it: the train settings, the mesh and the rules."""
+  return train.train(cfg.train, workdir, model, data, mesh=sharding.make_mesh(dict(cfg.mesh)),
+                     rules=cfg.logical_axis_rules, **kw)
 
 
 class _Interrupt(Exception):
@@ -71,11 +78,11 @@ def _params(model):
 
 def test_resume_after_interruption_matches_uninterrupted_run(tmp_path, source):
   cfg = _config()
-  full, hist_full = train.train(cfg, str(tmp_path / "a"), _model(), _data(source), name="t")
+  full, hist_full = _train(cfg, str(tmp_path / "a"), _model(), _data(source), name="t")
   with pytest.raises(_Interrupt):
-    train.train(cfg, str(tmp_path / "b"), _model(), _StopAfter(_data(source), 5), name="t")
+    _train(cfg, str(tmp_path / "b"), _model(), _StopAfter(_data(source), 5), name="t")
   assert 4 in checkpointing.manager(str(tmp_path / "b" / "checkpoints" / "t"), save_every=2, keep=2).all_steps()
-  resumed, hist_resumed = train.train(cfg, str(tmp_path / "b"), _model(), _data(source), name="t")
+  resumed, hist_resumed = _train(cfg, str(tmp_path / "b"), _model(), _data(source), name="t")
   assert [s for s, _ in hist_resumed] == [5, 6]  # resumed at step 4, not from scratch
   np.testing.assert_allclose(hist_resumed[-1][1], hist_full[-1][1], rtol=1e-5)
   for a, b in zip(_params(full), _params(resumed)):
@@ -84,17 +91,17 @@ def test_resume_after_interruption_matches_uninterrupted_run(tmp_path, source):
 
 def test_loss_trajectory_is_independent_of_the_mesh(tmp_path, source):
   assert jax.device_count() == 8
-  _, data_parallel = train.train(_config(4, {"data": 8, "fsdp": 1, "model": 1}), str(tmp_path / "a"), _model(),
-                                 _data(source), name="t")
-  _, mixed = train.train(_config(4, {"data": 2, "fsdp": 2, "model": 2}), str(tmp_path / "b"), _model(),
-                         _data(source), name="t")
+  _, data_parallel = _train(_config(4, {"data": 8, "fsdp": 1, "model": 1}), str(tmp_path / "a"), _model(),
+                            _data(source), name="t")
+  _, mixed = _train(_config(4, {"data": 2, "fsdp": 2, "model": 2}), str(tmp_path / "b"), _model(),
+                    _data(source), name="t")
   np.testing.assert_allclose([l for _, l in data_parallel], [l for _, l in mixed], rtol=2e-4)
   assert data_parallel[-1][1] < data_parallel[0][1]  # it does learn
 
 
 def test_corrupt_latest_checkpoint_falls_back(tmp_path, source):
   cfg = _config(4)
-  train.train(cfg, str(tmp_path), _model(), _data(source), name="t")
+  _train(cfg, str(tmp_path), _model(), _data(source), name="t")
   ckpt = tmp_path / "checkpoints" / "t"
   for root, _, files in os.walk(ckpt / "4"):
     for f in files:
@@ -111,7 +118,7 @@ def test_nonfinite_loss_stops_with_the_step(tmp_path, source):
   cfg = _config(3)
   cfg.train.lr = float("nan")
   with pytest.raises(FloatingPointError, match="step 1"):
-    train.train(cfg, str(tmp_path), _model(), _data(source), name="t")
+    _train(cfg, str(tmp_path), _model(), _data(source), name="t")
 
 
 def test_warm_start_keeps_stored_params_and_inits_new_ones(tmp_path):
