@@ -54,6 +54,3 @@ def select(model: nnx.Module, rules: Sequence[BinarizeRule]) -> list[str]:
     raise ValueError(f"binarization rule(s) {unused} match no Dense layer; layer paths look like "
                      f"{paths.dense_layers(model)[0][0]!r}")
   return chosen
-
-# TRANSITION (removed once every caller uses models.paths)
-dense_layers = paths.dense_layers

@@ -26,7 +26,7 @@ import optax
 from flax import nnx
 
 from sab_jax import errors, sharding as sharding_lib
-from sab_jax.quant import rules as rules_lib
+from sab_jax.models import paths
 from sab_jax.train import checkpointing
 
 if TYPE_CHECKING:  # configs are ConfigDicts, but the GPU image has no ml-collections
@@ -50,7 +50,7 @@ def zero_init(model: nnx.Module, pattern: str) -> list[str]:
   answer prior for thousands of steps before it learns to look at the image.
   """
   hit = []
-  for path, dense in rules_lib.dense_layers(model):
+  for path, dense in paths.dense_layers(model):
     if re.fullmatch(pattern, path):
       dense.kernel[...] = jnp.zeros_like(dense.kernel[...])
       hit.append(path)

@@ -7,7 +7,7 @@ from flax import nnx
 
 from sab_jax import sharding
 from sab_jax.calib import calibrate
-from sab_jax.models import llava
+from sab_jax.models import llava, paths
 from sab_jax.quant import providers, rules
 
 IMG = 3
@@ -73,9 +73,9 @@ def test_only_selected_layers_change_and_they_become_binary():
               rules.BinarizeRule(module_path=r".*", binarize=False))
   calibrate.binarize_model(model, _batches(model.cfg, n=1), providers.Xnor(), only_mlp,
                            sharding.make_mesh({"data": 8}), progress=False)
-  for path, dense in rules.dense_layers(model):
+  for path, dense in paths.dense_layers(model):
     new = np.asarray(dense.kernel[...])
-    ref = np.asarray(dict(rules.dense_layers(before))[path].kernel[...])
+    ref = np.asarray(dict(paths.dense_layers(before))[path].kernel[...])
     if path.startswith("language_model.layers.0.mlp."):
       assert not np.allclose(new, ref)
       # XNOR: one magnitude per output channel, signs of the original.

@@ -15,7 +15,7 @@ from export.export_fixture import CASES, INT8, OneDense, binarized, exported, in
 from sab_jax.export import manifest as manifest_lib
 from sab_jax.export import packing, reader, writer
 from sab_jax.models import llava, paths
-from sab_jax.quant import providers, rules
+from sab_jax.quant import providers
 
 
 @nnx.jit
@@ -46,7 +46,7 @@ def test_export_load_gives_the_in_memory_model(case, export_root):
   assert manifest["config"] == {"case": case, "seed": 0}
 
   # Binarized kernels: bitwise the in-memory ones.
-  got, want = dict(rules.dense_layers(loaded)), dict(rules.dense_layers(model))
+  got, want = dict(paths.dense_layers(loaded)), dict(paths.dense_layers(model))
   for path in results:
     np.testing.assert_array_equal(np.asarray(got[path].kernel[...]), np.asarray(want[path].kernel[...]))
   # Everything: bitwise the in-memory model with its non-binarized params through bf16.
@@ -225,7 +225,7 @@ def test_export_of_an_abstract_model_with_abstract_w_hat(export_root, tmp_path):
   m0 = manifest_lib.read_manifest(concrete["directory"])
   assert m1["layers"] == m0["layers"] and m1["params"] == m0["params"] and m1["checksums"] == m0["checksums"]
   loaded, _ = reader.load(str(tmp_path / "e"), template())
-  got, want = dict(rules.dense_layers(loaded)), dict(rules.dense_layers(model))
+  got, want = dict(paths.dense_layers(loaded)), dict(paths.dense_layers(model))
   for path in results:
     np.testing.assert_array_equal(np.asarray(got[path].kernel[...]), np.asarray(want[path].kernel[...]))
   # A non-binarized param without a value is refused.
