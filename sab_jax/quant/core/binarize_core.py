@@ -269,6 +269,144 @@ def quick_mean_offset(w: jax.Array, weight: jax.Array, mask: jax.Array) -> jax.A
 
 
 # ---------------------------------------------------------------------------
+# Salient-row count search (BiLLM / ARB-LLM's structural search)
+# ---------------------------------------------------------------------------
+
+# Candidate salient-row counts per block: 1 .. SEARCH_MAX_ROWS (the references' 1..49).
+SEARCH_MAX_ROWS = 49
+
+
+def _mean_offset_order2(t: jax.Array, mask: jax.Array) -> jax.Array:
+  """BiLLM's order-2 binarizer of the masked entries, per output channel (masked Ŵ)."""
+  f1 = mean_offset(t, mask)
+  q1 = mean_offset_dequant(f1.signs, f1.alpha_out, f1.mu)
+  f2 = mean_offset(t - q1, mask)
+  return jnp.where(mask, q1 + mean_offset_dequant(f2.signs, f2.alpha_out, f2.mu), 0.0)
+
+
+def search_salient_count(w: jax.Array, weight: jax.Array, hinv_diag: jax.Array, valid: jax.Array,
+                         max_rows: int = SEARCH_MAX_ROWS) -> tuple[jax.Array, jax.Array]:
+  """The number of salient rows of a block, searched as BiLLM and ARB-LLM do.
+
+  The saliency matrix `T = weight·W²/d_j²` (the OBS cost of each weight) is split into the
+  top-i rows by `Σ_k T` and the rest; both parts get an order-2 mean-offset binarization
+  of T itself, and the i in 1..max_rows with the least mean squared error on T wins
+  (first minimum). Both parts at order 2 make the criterion a question of structure (which
+  rows need scales of their own), not of bits: more residual planes would always lower the
+  plain error.
+
+  Args:
+    w, weight: `[rows, out]` current weights and error weights.
+    hinv_diag: `[rows]` d_j (GPTQ's upper Cholesky factor of H⁻¹, diagonal).
+    valid: `[rows]` bool, False on padding rows.
+    max_rows: largest candidate (static); candidates at or above the valid rows are skipped.
+
+  Returns:
+    (count, per-candidate errors `[max_rows]`, inf where skipped).
+  """
+  score, t = _row_scores(w.astype(jnp.float32), weight.astype(jnp.float32), hinv_diag)
+  score = jnp.where(valid, score, -jnp.inf)
+  rank = jnp.argsort(jnp.argsort(-score))  # 0 = most salient; ties: lower row first (as top_k)
+  t = jnp.where(valid[:, None], t, 0.0)
+  n_valid = jnp.sum(valid)
+  full = jnp.broadcast_to(valid[:, None], t.shape)
+
+  def err(i):
+    top = full & (rank < i)[:, None]
+    q = _mean_offset_order2(t, top) + _mean_offset_order2(t, full & ~top)
+    e = jnp.sum(jnp.where(full, jnp.square(t - q), 0.0))
+    return jnp.where(i < jnp.maximum(n_valid, 2), e, jnp.inf)
+
+  errs = jax.lax.map(err, jnp.arange(1, max_rows + 1))
+  return jnp.argmin(errs) + 1, errs
+
+
+# ---------------------------------------------------------------------------
+# ARB-RC's second-order fit with joint refinement ("refine B")
+# ---------------------------------------------------------------------------
+
+
+def _scales_given_signs(t, b, v, a_in, a_out):
+  """Exact (alpha_in, then alpha_out) least squares of `Σ v (T − a_in B a_out)²` for fixed B."""
+  num = jnp.sum(v * t * b * a_out[None, :], axis=1)
+  den = jnp.sum(v * jnp.square(a_out)[None, :], axis=1)
+  a_in = _safe_div(num, den, a_in)
+  num = jnp.sum(v * t * b * a_in[:, None], axis=0)
+  den = jnp.sum(v * jnp.square(a_in)[:, None], axis=0)
+  return a_in, _safe_div(num, den, a_out)
+
+
+def _best_signs(w, k0, k1):
+  """Per entry the pair (B0, B1) ∈ {±1}² minimising |W − B0·k0 − B1·k1| (ties: + first)."""
+  cands = [(s0, s1) for s0 in (1.0, -1.0) for s1 in (1.0, -1.0)]
+  errs = jnp.stack([jnp.abs(w - s0 * k0 - s1 * k1) for s0, s1 in cands])
+  best = jnp.argmin(errs, axis=0)
+  b0 = jnp.where(best < 2, 1.0, -1.0)
+  b1 = jnp.where(best % 2 == 0, 1.0, -1.0)
+  return b0, b1
+
+
+class Order2Fit(NamedTuple):
+  """Two planes `Ŵ = a_in0 ⊙ B0 ⊙ a_out0 + a_in1 ⊙ B1 ⊙ a_out1` (scales rounded to bf16)."""
+  signs: jax.Array       # [rows, out] ±1, B0
+  residual: jax.Array    # [rows, out] ±1, B1
+  alpha_in: jax.Array    # [rows, 2]
+  alpha_out: jax.Array   # [2, out]
+  errors: jax.Array      # [refine + 2] weighted error: residual init, each sweep, stored (bf16) scales
+
+
+def refine_order2(w: jax.Array, weight: jax.Array, mask: jax.Array, iters: int, refine: int) -> Order2Fit:
+  """ARB-RC's 2nd-order fit with joint refinement of both planes (ARB-LLM's "refine B").
+
+  Init: the residual fit (ARB-RC on W, then on what is left). Each sweep then sets, in turn,
+  plane 0's (alpha_in, alpha_out) to their exact weighted least squares given plane 1, plane
+  1's given plane 0, and both sign planes per entry to the best of the four combinations
+  given the scales; each step is an exact minimiser of the weighted error given the rest, so
+  the error never increases. After the last sweep the scales are fitted to the final signs
+  (ARB-LLM stops on a sign step), rounded to bf16, and the signs re-chosen for the rounded
+  scales (what is stored).
+
+  Args:
+    w, weight, mask: `[rows, out]`.
+    iters: ARB-RC sweeps of the init fits (static).
+    refine: joint sweeps (static, >= 1).
+  """
+  if refine < 1:
+    raise ValueError(f"refine={refine}: at least one sweep (refine=0 is the plain residual fit)")
+  w = w.astype(jnp.float32)
+  v = weight.astype(jnp.float32) * mask.astype(jnp.float32)
+  f1 = arb_rc(w, weight, mask, iters)
+  f2 = arb_rc(w - rc_dequant(f1.signs, f1.alpha_in, f1.alpha_out), weight, mask, iters)
+  init = (f1.signs, f2.signs, f1.alpha_in, f1.alpha_out, f2.alpha_in, f2.alpha_out)
+
+  def total(st):
+    b0, b1, ai0, ao0, ai1, ao1 = st
+    return weighted_error(w, rc_dequant(b0, ai0, ao0) + rc_dequant(b1, ai1, ao1), v)
+
+  def scales(st):
+    b0, b1, ai0, ao0, ai1, ao1 = st
+    ai0, ao0 = _scales_given_signs(w - rc_dequant(b1, ai1, ao1), b0, v, ai0, ao0)
+    ai1, ao1 = _scales_given_signs(w - rc_dequant(b0, ai0, ao0), b1, v, ai1, ao1)
+    return b0, b1, ai0, ao0, ai1, ao1
+
+  def signs(st):
+    b0, b1, ai0, ao0, ai1, ao1 = st
+    b0, b1 = _best_signs(w, ai0[:, None] * ao0[None, :], ai1[:, None] * ao1[None, :])
+    return b0, b1, ai0, ao0, ai1, ao1
+
+  def sweep(st, _):
+    st = signs(scales(st))
+    return st, total(st)
+
+  state, errs = jax.lax.scan(sweep, init, None, length=refine)
+  b0, b1, ai0, ao0, ai1, ao1 = scales(state)
+  rounded = signs((b0, b1) + tuple(bf16_round(x) for x in (ai0, ao0, ai1, ao1)))
+  b0, b1, ai0, ao0, ai1, ao1 = rounded
+  return Order2Fit(b0, b1, jnp.stack([ai0, ai1], axis=1), jnp.stack([ao0, ao1]),
+                   jnp.concatenate([total(init)[None], errs, total(rounded)[None]]))
+
+
+# ---------------------------------------------------------------------------
 # The salient-row block quantizer (BiLLM, ARB-RC, SAB)
 # ---------------------------------------------------------------------------
 # Parts of one block of `rows` input channels (all stacked over blocks by the caller):
@@ -281,6 +419,12 @@ def quick_mean_offset(w: jax.Array, weight: jax.Array, mask: jax.Array) -> jax.A
 #                              with `split`, (order1, order2, rest) without
 #   alpha_in [rows, 2] bf16    ("rc" mode) slot 0: order1 / lo / rest, slot 1: order2 / hi
 #   mu [C, out] bf16           ("mean_offset" mode) per-component offsets
+
+
+def _row_scores(w, weight, hinv_diag):
+  """Per-row OBS saliency `Σ_k weight·W²/d_j²` and the saliency matrix itself."""
+  t = weight * jnp.square(w) / jnp.square(hinv_diag)[:, None]
+  return jnp.sum(t, axis=1), t
 
 
 def _top_rows(w, weight, hinv_diag, valid, n):
@@ -309,16 +453,18 @@ def compose_salient_split(parts: dict[str, jax.Array], mode: str) -> jax.Array:
 
 
 def salient_split_block(w: jax.Array, weight: jax.Array, hinv_diag: jax.Array,
-                        valid: jax.Array, *, n_salient: int, iters: int, mode: str,
-                        split: bool, levels: Sequence[float] = SPLIT_LEVELS
+                        valid: jax.Array, *, n_salient: int | None, iters: int, mode: str,
+                        split: bool, levels: Sequence[float] = SPLIT_LEVELS, refine: int = 0
                         ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Binarize one block of input channels: salient rows 2nd order, rest 1st order.
 
   Salient rows: the `n_salient` valid rows with the largest
   `Σ_k weight[j,k]·W[j,k]² / d_j²`, d = diag of GPTQ's upper Cholesky factor of H⁻¹
   (so `d_j² = [H_F⁻¹]_jj` of the not-yet-quantized set: the OBS saliency; with
-  weight ≡ 1 this is BiLLM's column criterion). They get residual binarization; the
-  other valid rows are split by |W| (when `split`) into two groups with their own scales.
+  weight ≡ 1 this is BiLLM's column criterion), or, with `n_salient=None`, as many as
+  `search_salient_count` picks for this block. They get residual binarization (in "rc"
+  mode with `refine` sweeps of `refine_order2`); the other valid rows are split by |W|
+  (when `split`) into two groups with their own scales.
 
   Args:
     w: `[rows, out]` current (compensated) weights of the block.
@@ -326,18 +472,26 @@ def salient_split_block(w: jax.Array, weight: jax.Array, hinv_diag: jax.Array,
       `mean_offset` mode, which is unweighted like BiLLM).
     hinv_diag: `[rows]` d_j.
     valid: `[rows]` bool, False on padding rows.
-    n_salient: salient rows per block (static).
+    n_salient: salient rows per block (static), or None: searched per block.
     iters: ARB-RC sweeps (static; `rc` mode).
     mode: "rc" (alpha_in ⊙ B ⊙ alpha_out, weighted ALS) or "mean_offset" (BiLLM).
     split: bell-shaped split of the non-salient rows (else one group).
     levels: split candidates.
+    refine: joint refinement sweeps of the salient rows' two planes ("rc" mode; 0: the
+      plain residual fit).
 
   Returns:
     (Ŵ `[rows, out]`, parts dict as documented above).
   """
   w = w.astype(jnp.float32)
   weight = weight.astype(jnp.float32)
-  sal = _top_rows(w, weight, hinv_diag, valid, n_salient)
+  if n_salient is None:
+    count, _ = search_salient_count(w, weight, hinv_diag, valid, min(SEARCH_MAX_ROWS, w.shape[0]))
+    score, _ = _row_scores(w, weight, hinv_diag)
+    rank = jnp.argsort(jnp.argsort(-jnp.where(valid, score, -jnp.inf)))
+    sal = (rank < count) & valid
+  else:
+    sal = _top_rows(w, weight, hinv_diag, valid, n_salient)
   m_sal = jnp.broadcast_to(sal[:, None], w.shape)
   m_rest = jnp.broadcast_to((valid & ~sal)[:, None], w.shape)
   if split:
@@ -361,8 +515,13 @@ def salient_split_block(w: jax.Array, weight: jax.Array, hinv_diag: jax.Array,
   else:
     raise ValueError(f"unknown mode {mode!r}")
 
-  s1, ai1, ao1, mu1, w1 = fit(w, m_sal)
-  s2, ai2, ao2, mu2, _ = fit(w - w1, m_sal)
+  if mode == "rc" and refine:
+    f = refine_order2(w, weight, m_sal, iters, refine)
+    s1, s2, mu1, mu2 = f.signs, f.residual, None, None
+    ai1, ai2, ao1, ao2 = f.alpha_in[:, 0], f.alpha_in[:, 1], f.alpha_out[0], f.alpha_out[1]
+  else:
+    s1, ai1, ao1, mu1, w1 = fit(w, m_sal)
+    s2, ai2, ao2, mu2, _ = fit(w - w1, m_sal)
   fits = [fit(w, g) for g in groups]
   signs = jnp.where(m_sal, s1 > 0, False)
   for g, f in zip(groups, fits):

@@ -7,8 +7,8 @@ groups at the break point that minimises the error (bell-shaped split, searched 
 quantiles of |W|). Every group uses BiLLM's binarizer `α·sign(W − μ) + μ` with
 per-output-channel α and μ only (no per-input scale).
 
-Simplification: BiLLM searches the number of salient channels per block; here it is a
-fixed fraction (`salient_rows`), the same budget ARB-RC and SAB get.
+The number of salient channels is searched per block as BiLLM does (`salient_rows="search"`,
+`binarize_core.search_salient_count`), or a fixed fraction.
 
 Parts: `salient_split.SalientSplitParts` in "mean_offset" mode (signs: sign(W − μ) of
 the entry's group; alpha_out and mu `[n_blocks, 4, out]`, components order1, order2, lo, hi).
@@ -30,8 +30,9 @@ class BiLLM:
   """Residual-binarized salient channels + bell-shaped split, per-output scales."""
   name: ClassVar[str] = "billm"
   parts_class: ClassVar[type] = salient_split.SalientSplitParts
-  # Fraction of each block's input channels with 2nd-order residual binarization.
-  salient_rows: float = 0.08
+  # Input channels with 2nd-order residual binarization: "search" (per block, BiLLM's
+  # structural search) or a fraction per block.
+  salient_rows: float | str = "search"
   # Inputs per GPTQ block / scale sharing.
   block_size: int = 128
 

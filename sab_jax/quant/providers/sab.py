@@ -56,12 +56,16 @@ class Sab:
   diff_quantile: float = 0.5
   # ALS error weight is Λ**lambda_power (1: Λ, 2: Λ²).
   lambda_power: float = 1
-  # Fraction of each block's input channels with 2nd-order residual binarization.
-  salient_rows: float = 0.08
+  # Input channels with 2nd-order residual binarization: "search" (per block, as BiLLM /
+  # ARB-LLM search it; 8% per scale group in the structured layout) or a fraction per block.
+  salient_rows: float | str = "search"
   # Inputs per GPTQ block (and per alpha_out / salient-row budget when not structured).
   block_size: int = 128
   # ARB-RC alternating sweeps per group.
   iters: int = 15
+  # Joint refinement sweeps of the salient rows' two planes (scales and signs, ARB-LLM's
+  # "refine B"); 0: the plain residual fit. Unstructured layout only.
+  refine_iters: int = 15
   # Store ≤ 1.2 bits/weight: no per-weight bitmaps, coarser alpha_out (module doc).
   structured: bool = False
   # Structured mode: inputs sharing alpha_out and a salient-row budget (multiple of
@@ -85,7 +89,8 @@ class Sab:
     w_hat, parts, bits = salient_split.salient_split_ptq(
         kernel, h, weight, block_size=self.block_size, salient_rows=self.salient_rows,
         iters=self.iters, mode="rc", split=not self.structured,
-        scale_block=self.scale_block if self.structured else None)
+        scale_block=self.scale_block if self.structured else None,
+        refine=0 if self.structured else self.refine_iters)
     return base.Binarized(w_hat, bits.nominal_bits, bits.stored_bits, parts,
                           base.error_metrics(kernel, w_hat, h, weight))
 
@@ -100,12 +105,14 @@ class ArbRc:
   """ARB-RC with BiLLM-style salient rows and GPTQ: SAB's code path with Λ ≡ 1."""
   name: ClassVar[str] = "arb_rc"
   parts_class: ClassVar[type] = salient_split.SalientSplitParts
-  # Fraction of each block's input channels with 2nd-order residual binarization.
-  salient_rows: float = 0.08
+  # Input channels with 2nd-order residual binarization ("search" or a fraction; as Sab).
+  salient_rows: float | str = "search"
   # Inputs per GPTQ block / alpha_out sharing.
   block_size: int = 128
   # Alternating sweeps per group.
   iters: int = 15
+  # Joint refinement sweeps of the salient rows' planes (as Sab).
+  refine_iters: int = 15
   # Sab's <= 1.2-stored-bit layout (for comparisons at matched stored bits).
   structured: bool = False
   # Structured mode: inputs sharing alpha_out.
@@ -114,7 +121,7 @@ class ArbRc:
   @property
   def _sab(self) -> Sab:
     return Sab(salient_rows=self.salient_rows, block_size=self.block_size, iters=self.iters,
-               structured=self.structured, scale_block=self.scale_block)
+               refine_iters=self.refine_iters, structured=self.structured, scale_block=self.scale_block)
 
   def __call__(self, kernel: jax.Array, stats: base.LayerStats) -> base.Binarized:
     return self._sab.binarize_with_lambda(kernel, stats, jnp.ones(kernel.shape, jnp.float32))

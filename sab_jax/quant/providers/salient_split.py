@@ -184,8 +184,8 @@ class SalientSplitParts(base.Parts):
 # --- the GPTQ loop ------------------------------------------------------------------------------
 
 @functools.partial(jax.jit, static_argnames=("block_size", "n_salient", "iters", "mode", "split",
-                                             "group_size"))
-def _salient_split_ptq(kernel, h, weight, *, block_size, n_salient, iters, mode, split, group_size):
+                                             "group_size", "refine"))
+def _salient_split_ptq(kernel, h, weight, *, block_size, n_salient, iters, mode, split, group_size, refine):
   u = gptq_core.hessian_inverse_cholesky(h)
   if group_size is not None:
     def prepare(w_grp, d, valid, weight_grp):
@@ -203,16 +203,21 @@ def _salient_split_ptq(kernel, h, weight, *, block_size, n_salient, iters, mode,
 
   def quantize_block(w_blk, d, valid, weight_blk):
     return binarize_core.salient_split_block(
-        w_blk, weight_blk, d, valid, n_salient=n_salient, iters=iters, mode=mode, split=split)
+        w_blk, weight_blk, d, valid, n_salient=n_salient, iters=iters, mode=mode, split=split, refine=refine)
 
   _, parts, _ = gptq_core.gptq_quantize(kernel, u, quantize_block, block_size=block_size,
                                         aux=(weight,))
   return parts
 
 
+# The structured layout's salient-row budget when `salient_rows="search"` (its rows are
+# chosen per scale group, which the per-block search does not cover).
+STRUCTURED_SALIENT_ROWS = 0.08
+
+
 def salient_split_ptq(kernel: jax.Array, h: jax.Array, weight: jax.Array, *, block_size: int,
-                      salient_rows: float, iters: int, mode: str, split: bool,
-                      scale_block: int | None = None
+                      salient_rows: float | str, iters: int, mode: str, split: bool,
+                      scale_block: int | None = None, refine: int = 0
                       ) -> tuple[jax.Array, SalientSplitParts, bits_core.BitCount]:
   """GPTQ loop around the salient-row block quantizers of `binarize_core`.
 
@@ -222,13 +227,16 @@ def salient_split_ptq(kernel: jax.Array, h: jax.Array, weight: jax.Array, *, blo
     weight: `[in, out]` error weights of the ALS (Λ^p or ones).
     block_size: inputs per GPTQ block; also the salient-row budget and alpha_out sharing
       unless `scale_block` is given.
-    salient_rows: fraction of each block's (or scale block's) inputs that get a residual
-      plane; `round(salient_rows · rows)` rows (at least 1).
+    salient_rows: "search": per block, the count `binarize_core.search_salient_count`
+      picks (as BiLLM and ARB-LLM search it; structured mode: STRUCTURED_SALIENT_ROWS);
+      or the fraction of each block's (or scale block's) inputs that get a residual
+      plane, `round(salient_rows · rows)` rows (at least 1).
     iters: ARB-RC sweeps.
     mode: "rc" or "mean_offset".
     split: bell-shaped split of the non-salient rows.
     scale_block: structured mode (mode "rc", no split): salient rows and alpha_out are
       chosen per `scale_block` inputs (a multiple of `block_size`), alpha_in per row.
+    refine: joint refinement sweeps of the salient rows' planes ("rc" mode, not structured).
     Sizes above the layer's are clamped (`base.effective_blocks`).
 
   Returns:
@@ -238,10 +246,19 @@ def salient_split_ptq(kernel: jax.Array, h: jax.Array, weight: jax.Array, *, blo
   if scale_block is not None and (mode != "rc" or split):
     raise ValueError("scale_block (structured mode) needs mode='rc' and split=False")
   block_size, group = base.effective_blocks(n_in, block_size, scale_block)
-  n_salient = max(1, min(group, round(salient_rows * group)))
+  if salient_rows == "search" and scale_block is not None:
+    salient_rows = STRUCTURED_SALIENT_ROWS
+  if salient_rows == "search":
+    n_salient = None
+  elif isinstance(salient_rows, (int, float)) and not isinstance(salient_rows, bool) and 0 < salient_rows <= 1:
+    n_salient = max(1, min(group, round(salient_rows * group)))
+  else:
+    raise ValueError(f"salient_rows={salient_rows!r}: 'search' or a fraction in (0, 1]")
+  if refine and (mode != "rc" or scale_block is not None):
+    raise ValueError("refine (joint 2nd-order refinement) is for ARB-RC's unstructured layout (mode 'rc')")
   arrays = _salient_split_ptq(kernel, h, weight, block_size=block_size, n_salient=n_salient,
                               iters=iters, mode=mode, split=split,
-                              group_size=None if scale_block is None else group)
+                              group_size=None if scale_block is None else group, refine=refine)
   parts = SalientSplitParts(**base.crop_rows(arrays, n_in, _ROW_PARTS), group=group, mode=mode)
   w_hat = base.dequantize(parts)
   rows = bits_core.block_rows(n_in, group)
