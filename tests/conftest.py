@@ -1,9 +1,113 @@
-"""Test-wide setup: 8 simulated CPU devices for the multi-device tests (must precede importing jax)."""
+"""Test-wide setup: 8 simulated CPU devices for the multi-device tests (must precede importing jax,
+and runs again in every pytest-xdist worker), the synthetic VQA dataset built once per session,
+and the `serial` marker: such a test runs while no other xdist worker runs one.
 
+Parallel runs: setup.cfg's `addopts` give `--numprocesses=auto --maxprocesses=4 --dist=loadgroup`; `-n 0`
+runs everything in this process, and so does `-p no:xdist` (setup.cfg's xdist options are
+then accepted and ignored, see `pytest_addoption`).
+"""
+
+import contextlib
+import fcntl
 import os
+import pathlib
 import sys
+
+import pytest
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # `import experiments...`
+
+
+def pytest_addoption(parser, pluginmanager):
+  if not pluginmanager.has_plugin("xdist"):  # `-p no:xdist` (or no xdist installed): one process
+    group = parser.getgroup("xdist options of setup.cfg, ignored without xdist")
+    group.addoption("--numprocesses", dest="numprocesses", default=None)
+    group.addoption("--maxprocesses", dest="maxprocesses", default=None)
+    group.addoption("--dist", dest="dist", default="no")
+
+
+def pytest_configure(config):
+  if not config.pluginmanager.has_plugin("xdist"):
+    config.addinivalue_line("markers", "xdist_group(name): tests that share one xdist worker (no-op here)")
+
+
+# The longest tests start first (in this order), so that no xdist worker is left running one
+# of them while the others are idle at the end, and `serial` tests come last, where they wait
+# for no long test of another worker. Only the order changes; a prefix that matches nothing
+# does no harm.
+LONG_FIRST = (
+    "integration/test_main.py::test_smoke_retrain_writes_results_and_resumes",
+    "integration/test_distill_resume.py::",
+    "serve/test_packed.py::test_export_predictions_equal_in_memory",  # both share one fixture
+    "integration/test_pod_config.py::test_pod_config_runs_end_to_end",
+    "integration/test_distill_speed.py::test_runs",
+    "train/test_distill.py::test_distillation_on_8_devices",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+  def rank(item):
+    if item.get_closest_marker("serial"):
+      return len(LONG_FIRST) + 1
+    nodeid = item.nodeid.removeprefix("tests/")
+    return next((i for i, prefix in enumerate(LONG_FIRST) if nodeid.startswith(prefix)), len(LONG_FIRST))
+
+  items.sort(key=rank)
+
+
+# --- `serial` tests: alone on the machine ---------------------------------------------------
+# Every test of an xdist worker holds a shared lock on a file in the run's base temp
+# directory, a `serial` test an exclusive one (setup, call and teardown, module fixtures
+# included). A second file is the turnstile: a `serial` test waiting for the exclusive lock
+# holds it, so the other workers start no new test meanwhile (no starvation).
+_locks = None
+
+
+def _lock_files(config):
+  global _locks
+  if _locks is None:
+    root = pathlib.Path(config.option.basetemp).parent  # xdist gives worker gwN basetemp BASE/gwN
+    _locks = tuple(open(root / name, "a+") for name in ("serial.turnstile", "serial.lock"))
+  return _locks
+
+
+@contextlib.contextmanager
+def _machine_lock(item):
+  if not hasattr(item.config, "workerinput"):  # not an xdist worker: nothing else runs
+    yield
+    return
+  turnstile, lock = _lock_files(item.config)
+  fcntl.flock(turnstile, fcntl.LOCK_EX)
+  fcntl.flock(lock, fcntl.LOCK_EX if item.get_closest_marker("serial") else fcntl.LOCK_SH)
+  fcntl.flock(turnstile, fcntl.LOCK_UN)
+  try:
+    yield
+  finally:
+    fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+  with _machine_lock(item):
+    return (yield)
+
+
+# --- the synthetic VQA dataset, built once per session (per xdist worker) --------------------
+@pytest.fixture(scope="session")
+def vqa_data_dir(tmp_path_factory):
+  """A TFDS data_dir holding synthetic_vqa/tiny. Tests may build other configs into it
+  (synthetic_vqa builds are deterministic); tests of the build itself use their own."""
+  from sab_jax.data import synthetic_vqa
+  d = tmp_path_factory.mktemp("synthetic_vqa")
+  synthetic_vqa.build("tiny", d)
+  return d
+
+
+@pytest.fixture(scope="session")
+def tiny_vqa(vqa_data_dir):
+  """{split: data source} of synthetic_vqa/tiny (train 64, validation 32, test 32 records)."""
+  from sab_jax.data import synthetic_vqa
+  return synthetic_vqa.build("tiny", vqa_data_dir).as_data_source()

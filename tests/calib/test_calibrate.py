@@ -66,6 +66,7 @@ def test_layer_is_calibrated_on_the_binarized_prefix_split_by_modality():
   np.testing.assert_allclose(np.asarray(stats.h_vis), 2 / len(xv) * xv.T @ xv, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_only_selected_layers_change_and_they_become_binary():
   model = llava.Model("test", rngs=nnx.Rngs(0))
   before = nnx.clone(model)

@@ -13,8 +13,8 @@ LP, LA, N_IMG = 28, 3, 16
 
 
 @pytest.fixture(scope='module')
-def sources(tmp_path_factory):
-  return sv.build('tiny', tmp_path_factory.mktemp('data')).as_data_source()
+def sources(tiny_vqa):
+  return tiny_vqa
 
 
 @pytest.fixture(scope='module')

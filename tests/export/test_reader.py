@@ -45,7 +45,7 @@ def _refusal(loader, directory, error, match, model_template=None):
 
 # --- read -----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("case", ["pbllm", "sab_structured"])
+@pytest.mark.parametrize("case", ["pbllm", pytest.param("sab_structured", marks=pytest.mark.slow)])
 def test_read_gives_the_providers_parts_and_the_bf16_params(case, export_root):
   model, results, _ = binarized(case)
   directory = os.path.join(export_root, case)
@@ -219,6 +219,7 @@ def test_corrupted_data_file_names_the_array_in_one_line(xnor_export, loader, da
   assert "Event loop is closed" not in capfd.readouterr().err
 
 
+@pytest.mark.slow
 def test_damaged_data_file_prints_one_error_and_no_asyncio_noise(tmp_path):
   """In a fresh process, as a user meets it: the reads still in flight when the restore fails
   used to print a "RuntimeError: Event loop is closed" traceback each (most runs)."""

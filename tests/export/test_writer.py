@@ -34,7 +34,13 @@ def _bf16_rounded_reference(model, binarized_paths):
   return ref
 
 
-@pytest.mark.parametrize("case", list(CASES))
+def _fast(cases, fast):
+  """Parameters over `cases`, those not in `fast` marked slow."""
+  return [c if c in fast else pytest.param(c, marks=pytest.mark.slow) for c in cases]
+
+
+# Fast: the cases test_reader.py binarizes too (the cache of export_fixture.binarized).
+@pytest.mark.parametrize("case", _fast(CASES, {"xnor", "pbllm", "sab_structured"}))
 def test_export_load_gives_the_in_memory_model(case, export_root):
   model, results, batches = binarized(case)
   directory = os.path.join(export_root, case)
@@ -96,7 +102,7 @@ def test_manifest_checksums_every_stored_array(export_root):
 CASES_256 = {**CASES, "pbllm_matched": providers.PbLlm(salient_fraction=0.005)}
 
 
-@pytest.mark.parametrize("case", list(CASES_256))
+@pytest.mark.parametrize("case", _fast(CASES_256, {"xnor", "sab_structured", "pbllm_matched"}))
 def test_bits_from_bytes_match_the_formula_on_a_256_layer(case, tmp_path):
   n = 256
   model = OneDense(n, n)

@@ -111,7 +111,7 @@ def _one_lhs_layer(rng, k=1024, n=200, k_res=128, block_n=64, k_splits=3):
   return layout, [{key: jnp.asarray(v) for key, v in a.items()} for a in arrays], planes, signs, sizes
 
 
-@pytest.mark.parametrize("m,reduce", [(1, "sum"), (3, "atomic")])
+@pytest.mark.parametrize("m,reduce", [(1, "sum"), pytest.param(3, "atomic", marks=pytest.mark.slow)])
 def test_int8_kernel_matches_its_xla_reference(m, reduce):
   """The popcount kernel computes exactly the quantized sum (integers, then float scales)."""
   rng = np.random.default_rng(m)

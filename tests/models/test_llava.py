@@ -34,6 +34,7 @@ def _naive_greedy(model, ids, pixels, steps):
   return out
 
 
+@pytest.mark.slow
 def test_cached_generation_equals_recomputation_with_left_padding():
   model = llava.Model("test", rngs=nnx.Rngs(0))
   ids, pixels = _prompt(model, 3, 6, seed=1)
@@ -62,6 +63,7 @@ def test_generation_stops_at_eos_and_pads():
   np.testing.assert_array_equal(out[0, :2], np.asarray(first[0, :2]))
 
 
+@pytest.mark.slow
 def test_padding_does_not_change_logits_of_real_tokens():
   model = llava.Model("test", rngs=nnx.Rngs(1))
   ids, pixels = _prompt(model, 1, 5, seed=3)
@@ -80,6 +82,7 @@ def test_wrong_number_of_image_tokens_is_an_error():
     model(jnp.asarray(np.delete(ids, 2, axis=1)), jnp.asarray(pixels))
 
 
+@pytest.mark.slow
 def test_bf16_compute_and_params_track_fp32():
   f32 = llava.Model("test", rngs=nnx.Rngs(0))
   bf16 = llava.Model("test", rngs=nnx.Rngs(0), dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
@@ -107,6 +110,7 @@ def test_every_linear_goes_through_the_dense_factory():
   assert len(built) == expected == len(dense_modules)
 
 
+@pytest.mark.slow
 def test_every_parameter_has_logical_axes_and_shards_on_8_devices():
   model = llava.Model("test", rngs=nnx.Rngs(0))
   for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
@@ -123,6 +127,7 @@ def test_every_parameter_has_logical_axes_and_shards_on_8_devices():
   np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_variants_build_abstractly_at_7b_scale():
   model = nnx.eval_shape(lambda: llava.Model("llava-1.5-7b", rngs=nnx.Rngs(0)))
   n = sum(v.size for v in jax.tree.leaves(nnx.state(model, nnx.Param)))

@@ -28,7 +28,7 @@ VARIANTS = {
     "sab": providers.Sab(),
     "sab_structured": providers.Sab(structured=True, scale_block=256),
 }
-SHAPES = [(300, 72), (64, 40)]  # a partial last block; a layer narrower than a block
+SHAPES = [pytest.param((300, 72), marks=pytest.mark.slow), (64, 40)]  # a partial last block; a layer narrower than a block
 
 
 def _binarized(provider, shape, seed=0):
@@ -44,8 +44,13 @@ def test_every_method_is_covered():
   assert {type(p) for p in VARIANTS.values()} == set(METHODS.values())
 
 
+# Fast: on the narrow shape, a layout with bit planes and a residual (structured SAB), one
+# with a mean offset and no planes (BiLLM), one with integer salient values (PB-LLM).
+FAST = {"sab_structured", "billm", "pbllm"}
+
+
 @pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("name", list(VARIANTS))
+@pytest.mark.parametrize("name", [n if n in FAST else pytest.param(n, marks=pytest.mark.slow) for n in VARIANTS])
 def test_one_layout_everywhere(name, shape):
   provider = VARIANTS[name]
   b = _binarized(provider, shape)

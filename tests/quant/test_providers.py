@@ -47,7 +47,8 @@ def test_methods_table():
   assert all(cls.name == key for key, cls in METHODS.items())
 
 
-@pytest.mark.parametrize("name", list(METHODS))
+@pytest.mark.parametrize("name", [n if n in ("xnor", "sab") else pytest.param(n, marks=pytest.mark.slow)
+                                  for n in METHODS])
 def test_parts_rebuild_w_hat_and_errors_are_right(name):
   """dequantize(parts) == w_hat bitwise; output_rel is ‖X(W − Ŵ)‖²/‖XW‖²."""
   w, x, _ = _layer()
@@ -138,6 +139,7 @@ def test_structured_sab():
   assert _rel("sab", structured=True, scale_block=128) < 0.9 * _rel("xnor")
 
 
+@pytest.mark.slow
 def test_ragged_input_dimension():
   """in not a multiple of the block size (padding path) works for every GPTQ method."""
   r = np.random.default_rng(7)
@@ -151,6 +153,7 @@ def test_ragged_input_dimension():
     assert b.error["output_rel"] < Xnor()(w, stats).error["output_rel"]
 
 
+@pytest.mark.slow
 def test_layer_narrower_than_a_block():
   """in < block_size / scale_block: one block of the layer's size, budget from real rows."""
   r = np.random.default_rng(8)

@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 from sab_jax import sharding
-from sab_jax.data import pipeline, synthetic_vqa, tokenizer
+from sab_jax.data import pipeline, tokenizer
 from sab_jax.models import llava
 from sab_jax.train import checkpointing, train
 import ml_collections
@@ -17,8 +17,8 @@ from experiments.configs import demo as demo_config
 
 
 @pytest.fixture(scope="module")
-def source(tmp_path_factory):
-  return synthetic_vqa.build("tiny", tmp_path_factory.mktemp("tfds")).as_data_source()["train"]
+def source(tiny_vqa):
+  return tiny_vqa["train"]
 
 
 def _config(steps=6, mesh=None):
@@ -76,6 +76,7 @@ def _params(model):
   return [np.asarray(x) for x in jax.tree.leaves(nnx.state(model, nnx.Param))]
 
 
+@pytest.mark.slow
 def test_resume_after_interruption_matches_uninterrupted_run(tmp_path, source):
   cfg = _config()
   full, hist_full = _train(cfg, str(tmp_path / "a"), _model(), _data(source), name="t")
@@ -89,6 +90,7 @@ def test_resume_after_interruption_matches_uninterrupted_run(tmp_path, source):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_loss_trajectory_is_independent_of_the_mesh(tmp_path, source):
   assert jax.device_count() == 8
   _, data_parallel = _train(_config(4, {"data": 8, "fsdp": 1, "model": 1}), str(tmp_path / "a"), _model(),
@@ -99,6 +101,7 @@ def test_loss_trajectory_is_independent_of_the_mesh(tmp_path, source):
   assert data_parallel[-1][1] < data_parallel[0][1]  # it does learn
 
 
+@pytest.mark.slow
 def test_corrupt_latest_checkpoint_falls_back(tmp_path, source):
   cfg = _config(4)
   _train(cfg, str(tmp_path), _model(), _data(source), name="t")

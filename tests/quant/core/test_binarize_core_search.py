@@ -67,7 +67,7 @@ def _residual_fit_error(w, v, m, iters):
   return float(binarize_core.weighted_error(w, jnp.where(m, q1 + q2, 0.0), v * m))
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("seed", [0, pytest.param(1, marks=pytest.mark.slow), pytest.param(2, marks=pytest.mark.slow)])
 def test_refinement_never_increases_the_error_and_beats_the_fixed_sign_fit(seed):
   rng = np.random.default_rng(seed)
   w = jnp.asarray((rng.standard_t(3, (20, 64)) * 0.05).astype(np.float32))
@@ -98,6 +98,7 @@ def _layer(seed=0, n_in=384, n_out=96):
   return jnp.asarray(w), base.LayerStats(h, jnp.zeros_like(h), len(x), 0), x
 
 
+@pytest.mark.slow
 def test_searched_counts_vary_by_block_and_bits_follow_them():
   w, stats, _ = _layer()
   for provider in (providers.BiLLM(), providers.ArbRc(), providers.Sab()):
@@ -110,6 +111,7 @@ def test_searched_counts_vary_by_block_and_bits_follow_them():
     assert b.stored_bits == bits.stored_bits
 
 
+@pytest.mark.slow
 def test_search_and_refinement_lower_the_layer_output_error():
   """On a heavy-tailed layer with outlier inputs: ARB-RC with the search and refinement beats
   the fixed 8% of rows with the plain residual fit, and each ingredient helps on its own."""

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEMO = os.path.join(REPO, "experiments", "configs", "demo.py")
 
 
@@ -28,6 +28,7 @@ def _run(tmp_path, *args):
                         capture_output=True, text=True, timeout=1200)
 
 
+@pytest.mark.slow
 def test_smoke_retrain_writes_results_and_resumes(tmp_path):
   wd = tmp_path / "wd"
   p = _run(tmp_path, f"--config={DEMO}:smoke,retrain", f"--workdir={wd}")
@@ -95,6 +96,7 @@ def test_unknown_config_argument_is_an_error(tmp_path):
   assert p.returncode != 0 and "smok" in p.stderr
 
 
+@pytest.mark.slow
 def test_missing_teacher_names_the_fix(tmp_path):
   p = _run(tmp_path, f"--config={DEMO}:smoke", f"--workdir={tmp_path / 'wd'}",
            f"--config.teacher.init={tmp_path / 'nowhere'}")

@@ -31,7 +31,7 @@ def test_upper_factor_of_damped_inverse():
   np.testing.assert_array_equal(np.tril(u, -1), 0.0)
 
 
-@pytest.mark.parametrize("n_in,block", [(48, 16), (40, 16)])
+@pytest.mark.parametrize("n_in,block", [(48, 16), pytest.param(40, 16, marks=pytest.mark.slow)])
 def test_block_form_equals_column_sweep(n_in, block):
   """The triangular-solve block update equals GPTQ's column-by-column sweep (float64)."""
   x = _correlated_x(1, 300, n_in).astype(np.float64)

@@ -1,7 +1,8 @@
 """Multi-process runs: jax.distributed start-up, the launchers, and training across 2 real processes.
 
 The children get no XLA_FLAGS (conftest gives this process 8 simulated devices): each
-child has one CPU device, so two processes form a 2-device global mesh.
+child has one CPU device, so two processes form a 2-device global mesh. Tests that start real
+JAX processes or time a launcher are `serial`: no other pytest-xdist worker runs meanwhile.
 """
 
 import json
@@ -19,7 +20,7 @@ import pytest
 
 from sab_jax import config_utils, distributed
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 LAUNCH = os.path.join(REPO, "launch")
 DEMO = os.path.join(REPO, "experiments", "configs", "demo.py")
 POD = os.path.join(REPO, "experiments", "configs", "llava7b_pod.py")
@@ -42,12 +43,9 @@ def _load_config(path, arg=None):
 
 
 @pytest.fixture(scope="module")
-def tfds_dir(tmp_path_factory):
-  """The `tiny` dataset, built once here: processes building it at once collide in TFDS."""
-  from sab_jax.data import synthetic_vqa
-  d = tmp_path_factory.mktemp("tfds")
-  synthetic_vqa.build("tiny", d)
-  return d
+def tfds_dir(vqa_data_dir):
+  """The `tiny` dataset, built beforehand (tests/conftest.py): processes building it at once collide in TFDS."""
+  return vqa_data_dir
 
 
 def _start(script, n):
@@ -91,6 +89,7 @@ def test_detect_reads_the_launchers_environment():
     distributed.detect({"SAB_DISTRIBUTED": "yes"})
 
 
+@pytest.mark.serial
 def test_failing_process_exits_at_once(tmp_path):
   """Without fail_fast a process that raises waits in JAX's shutdown barrier for the others (minutes)."""
   script = textwrap.dedent("""
@@ -113,6 +112,7 @@ def test_failing_process_exits_at_once(tmp_path):
     _stop(procs)
 
 
+@pytest.mark.serial
 def test_pipeline_reads_a_different_shard_in_each_process(tfds_dir):
   """`pipeline.make_dataset` shards by jax.process_index()/process_count() by default."""
   script = textwrap.dedent(f"""
@@ -190,6 +190,7 @@ def test_tpu_pod_copies_installs_and_runs_on_all_workers(tmp_path):
   assert out.splitlines() == [f"<--config={POD}>", "<--workdir=/mnt/shared/w>", "<--config.stages=('data', 'teacher')>"]
 
 
+@pytest.mark.serial
 def test_local_sh_stops_the_others_when_one_process_fails(tmp_path):
   """With a stand-in `python -m`: process 1 fails at once, process 0 would run a minute."""
   fake = tmp_path / "bin" / "python"
@@ -218,6 +219,7 @@ def test_local_sh_stops_the_others_when_one_process_fails(tmp_path):
 
 # --- two real processes training the smoke teacher -------------------------------------------
 @pytest.mark.slow
+@pytest.mark.serial
 def test_two_processes_train_one_model(tmp_path, tfds_dir):
   wd, logs = tmp_path / "wd", tmp_path / "logs"
   env = dict(_child_env(TFDS_DATA_DIR=str(tfds_dir)), NUM_PROCESSES="2", LOG_DIR=str(logs))
@@ -251,6 +253,7 @@ def test_two_processes_train_one_model(tmp_path, tfds_dir):
 
 
 @pytest.mark.slow
+@pytest.mark.serial
 def test_two_processes_fsdp_pipeline_matches_one_process(tmp_path, tfds_dir):
   """The shipped teacher FSDP-sharded over 2 processes (one CPU device each: fsdp=2), then
   calibrate, binarize, export, distil and evaluate: the teacher answers exactly as in one process, on 25 questions split 13/12
@@ -295,7 +298,7 @@ def test_llava7b_pod_config_loads():
   from sab_jax.data import vqav2
   assert c.data.name == vqav2.Vqav2.name and c.eval.split in vqav2.VQAV2_FILES
   assert c.data.config in [b.name for b in vqav2.Vqav2.BUILDER_CONFIGS]
-  # To be given on the command line (the run stops with an error naming it otherwise; tests/test_pod_config.py).
+  # To be given on the command line (the run stops with an error naming it otherwise; tests/integration/test_pod_config.py).
   assert c.teacher.init is None and c.data.tokenizer is None and c.teacher.format == "hf"
   c.teacher.init = "/ckpt/llava-1.5-7b-hf"
   assert c.to_dict()["teacher"]["init"] == "/ckpt/llava-1.5-7b-hf"

@@ -6,8 +6,9 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
-SCRIPT = os.path.join(os.path.dirname(__file__), "..", "experiments", "benchmarks", "distill_speed.py")
+SCRIPT = os.path.join(os.path.dirname(__file__), "..", "..", "experiments", "benchmarks", "distill_speed.py")
 # The GPU machine has jax/flax/optax but not these (tests/test_gpu_imports.py).
 BLOCK = ("import sys\n"
          "for m in ('ml_collections', 'tensorflow_datasets', 'grain'):\n"
@@ -26,6 +27,7 @@ SPY = ("import json\n"
        "train_lib.train_step = spy\n")
 
 
+@pytest.mark.slow
 def test_runs_without_ml_collections_tfds_grain_and_writes_the_timings(tmp_path):
   out = tmp_path / "speed.json"
   code = (BLOCK + SPY + "import runpy\n"

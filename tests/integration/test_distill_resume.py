@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEMO = os.path.join(REPO, "experiments", "configs", "demo.py")
 ARGS = [f"--config={DEMO}:smoke,retrain", "--config.quant.methods=('sab',)", "--config.quant.variants={}",
         "--config.stages=('data','teacher','calibrate','binarize','export','distill')",

@@ -119,7 +119,8 @@ def test_split_search_picks_the_best_candidate_and_helps():
   assert best < 0.6 * one_group
 
 
-@pytest.mark.parametrize("mode,split", [("rc", True), ("rc", False), ("mean_offset", True)])
+@pytest.mark.parametrize("mode,split", [("rc", True), pytest.param("rc", False, marks=pytest.mark.slow),
+                                        pytest.param("mean_offset", True, marks=pytest.mark.slow)])
 def test_salient_split_block(mode, split):
   """Salient-row block: n_salient valid rows flagged, parts rebuild Ŵ, padding is zero."""
   r = np.random.default_rng(6)
@@ -140,3 +141,11 @@ def test_salient_split_block(mode, split):
   sal = parts["salient_rows"]
   rel = jnp.sum(jnp.square(w - w_hat)[sal]) / jnp.sum(jnp.square(w)[sal])
   assert float(rel) < 0.25
+
+
+def test_ste_gradient_is_the_clipped_identity():
+  x = jnp.asarray([-2.0, -0.5, 0.0, 0.3, 0.9, 1.5])
+  g = jnp.asarray([1.0, 2.0, 3.0, 4.0, 5.0, 6.0])
+  grad = jax.grad(lambda v: jnp.sum(bc.ste_sign(v, jnp.float32(1.0)) * g))(x)
+  np.testing.assert_array_equal(np.asarray(grad), [0.0, 2.0, 3.0, 4.0, 5.0, 0.0])
+  np.testing.assert_array_equal(np.asarray(bc.ste_sign(x, jnp.float32(1.0))), [-1, -1, 1, 1, 1, 1])

@@ -96,7 +96,7 @@ def test_equal_modalities_give_rho_zero():
   np.testing.assert_allclose(sig.lam, 1.0, atol=1e-3)
 
 
-@pytest.mark.parametrize("p", [0.05, 0.3])
+@pytest.mark.parametrize("p", [0.05, pytest.param(0.3, marks=pytest.mark.slow)])
 def test_partition_is_a_partition(p):
   """ceil(p·N) salient weights, split exactly into text-only / vision-only / cross."""
   r = np.random.default_rng(3)

@@ -20,7 +20,7 @@ from data.vqa_fixture import make_vqav2
 from models.hf_fixture import LLAVA_PROMPT_WORDS, save_tiny_llava, save_word_tokenizer
 from sab_jax import config_utils
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIG = os.path.join(REPO, "experiments", "configs", "llava7b_pod.py") + ":runlocal"
 LOCAL = config_utils.load_config(CONFIG)  # the sizes the pipeline runs with
 

@@ -1,5 +1,6 @@
-"""The packed inference model: evaluation from the export answers exactly as the in-memory
-binarized model, on the shipped teacher and a whole test split."""
+"""The packed inference model (sab_jax/serve/packed.py): PackedDense is the dequantized layer,
+and evaluation from an export answers exactly as the in-memory binarized model, on the shipped
+teacher: 250 test questions in every serving mode, the whole 2000-question split (slow)."""
 
 import jax.numpy as jnp
 import numpy as np
@@ -23,42 +24,70 @@ def _predictions(ctx, model, max_examples=None):
   return table, preds
 
 
-@pytest.mark.slow
-def test_export_predictions_equal_in_memory_on_the_whole_test_split(tmp_path):
+@pytest.fixture(scope="module")
+def binarized(vqa_data_dir, tmp_path_factory):
+  """The shipped teacher binarized with BiLLM and structured SAB (calibrated on `tiny`), every
+  non-binarized param through bf16 as the export stores them, and each one's export:
+  {name: (model, layers, export directory)}. Evaluation reads the `small` test split (= default's)."""
+  tmp = tmp_path_factory.mktemp("packed")
   config = config_utils.load_config("demo", "")
-  config.data.data_dir = str(tmp_path / "tfds")
+  config.data.data_dir = str(vqa_data_dir)
   config.data.config = "tiny"  # calibration data only; the test split below is 'small' (= default's)
   config.quant.calib_samples, config.quant.calib_batch_size, config.quant.progress = 64, 32, False
   config.quant.methods = ("billm",)
   config.quant.variants = {"sab_structured": {"method": "sab", "structured": True}}
-  ctx = stages.Context(config, str(tmp_path / "wd"))
+  ctx = stages.Context(config, str(tmp / "wd"))
   stages.stage_teacher(ctx)
   stages.stage_calibrate(ctx)
   stages.stage_binarize(ctx)
   ctx.config.data.config = "small"
+  out = {}
   for name, (model, layers, provider) in list(ctx.binarized.items()):
     # the export stores every non-binarized param in bf16: so does the reference
     kernels = {f"{p}.kernel" for p in layers}
     for path, v in nnx.iter_graph(model):
       if isinstance(v, nnx.Param) and ".".join(map(str, path)) not in kernels:
         v.set_value(v.get_value().astype(jnp.bfloat16).astype(v.get_value().dtype))
+    directory = str(tmp / name)
+    writer.export(model, layers, name, provider, directory)
+    out[name] = (model, layers, directory)
+  return ctx, out
+
+
+@pytest.mark.xdist_group("packed_test_split")  # one worker builds `binarized` for both
+def test_export_predictions_equal_in_memory_on_250_test_questions(binarized):
+  """The served export in every mode: dequantized, the Pallas kernels (interpret mode here)."""
+  ctx, models = binarized
+  for name, (model, layers, directory) in models.items():
+    ref_table, ref = _predictions(ctx, model, max_examples=250)
+    assert ref_table["count"] == 250
+    served, _ = packed.from_export(directory, ctx.new_model(), mode="dequant")
+    assert any(isinstance(m, packed.PackedDense) for _, m in nnx.iter_graph(served))
+    table, got = _predictions(ctx, served, max_examples=250)
+    assert got == ref, name
+    assert table == ref_table
+    if next(iter(layers.values())).binarized.parts.planes() is not None:
+      fast, _ = packed.from_export(directory, ctx.new_model(), mode="kernel")
+      _, got_fast = _predictions(ctx, fast, max_examples=250)
+      assert got_fast == ref, name
+      fused, _ = packed.from_export(directory, ctx.new_model(), mode="kernel", kernel="fused")
+      _, got_fused = _predictions(ctx, fused, max_examples=250)
+      assert got_fused == ref, name
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("packed_test_split")
+def test_export_predictions_equal_in_memory_on_the_whole_test_split(binarized):
+  """The dequantized served export on all 2000 questions (the kernels: the 250-question test)."""
+  ctx, models = binarized
+  for name, (model, layers, directory) in models.items():
     ref_table, ref = _predictions(ctx, model)
     assert ref_table["count"] == 2000
-    directory = str(tmp_path / name)
-    writer.export(model, layers, name, provider, directory)
     served, _ = packed.from_export(directory, ctx.new_model(), mode="dequant")
     assert any(isinstance(m, packed.PackedDense) for _, m in nnx.iter_graph(served))
     table, got = _predictions(ctx, served)
     assert got == ref, name
     assert table == ref_table
-    if next(iter(layers.values())).binarized.parts.planes() is not None:
-      # the Pallas kernel (interpret mode here): same answers on the first 250 questions
-      fast, _ = packed.from_export(directory, ctx.new_model(), mode="kernel")
-      _, got_fast = _predictions(ctx, fast, max_examples=250)
-      assert got_fast == ref[:250], name
-      fused, _ = packed.from_export(directory, ctx.new_model(), mode="kernel", kernel="fused")
-      _, got_fused = _predictions(ctx, fused, max_examples=250)
-      assert got_fused == ref[:250], name
 
 
 def _stats(rng, n_in):
@@ -68,8 +97,15 @@ def _stats(rng, n_in):
   return LayerStats(h, h, 256, 256)
 
 
-@pytest.mark.parametrize("n_in,n_out", [(256, 96), (1100, 130), (64, 48)])
-@pytest.mark.parametrize("name", ["xnor", "sab_structured", "arb_rc_structured", "billm", "pbllm"])
+# Fast: one shape, a layout with bit planes (the kernels) and one without.
+FAST_DENSE = {("xnor", 64, 48), ("billm", 64, 48)}
+
+
+@pytest.mark.parametrize("name,n_in,n_out", [
+    pytest.param(name, n_in, n_out, id=f"{name}-{n_in}-{n_out}",
+                 marks=() if (name, n_in, n_out) in FAST_DENSE else pytest.mark.slow)
+    for n_in, n_out in [(256, 96), (1100, 130), (64, 48)]
+    for name in ["xnor", "sab_structured", "arb_rc_structured", "billm", "pbllm"]])
 def test_packed_dense_matches_the_dequantized_kernel(name, n_in, n_out):
   rng = np.random.default_rng(n_in)
   provider = {"sab_structured": providers.Sab(structured=True),
