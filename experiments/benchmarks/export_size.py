@@ -5,7 +5,7 @@ No real weights are needed to count bytes: the model is built abstractly
 exactly the structured-SAB layout (`Sab(structured=True)`: sign plane, residual plane on
 `round(salient_rows · scale_block)` salient input rows per group, salient-row flags,
 alpha_in [in,2], alpha_out [groups,3,out]) drawn from random numbers
-(`synthetic_structured_sab`; tests/export/test_export_size.py checks it against the real
+(`synthetic_structured_sab`; tests/integration/test_export_size.py checks it against the real
 provider on a small kernel), and every other param random bf16 values. Running the real
 binarizer on 7B takes hours on a CPU (binarize_speed.py) and would not change a byte.
 

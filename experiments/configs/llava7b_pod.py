@@ -14,7 +14,7 @@ Config arguments (`llava7b_pod.py:ARG`):
     raise `data.max_prompt_len`). Batch sizes are per process: a multiple of the local devices.
 
 The checkpoint's config.json defines the model (config.model is not read with
-teacher.format "hf"). tests/test_pod_config.py runs `llava7b_pod.py:runlocal` end to end on
+teacher.format "hf"). tests/integration/test_pod_config.py runs `llava7b_pod.py:runlocal` end to end on
 CPU with a tiny random LLaVA saved by transformers and a tiny VQAv2 built from hand-made files.
 """
 
