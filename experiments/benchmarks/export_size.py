@@ -56,7 +56,7 @@ from sab_jax import export as export_lib
 from sab_jax.models import llava, paths
 from sab_jax.quant import providers, rules
 from sab_jax.quant.core import bits_core
-from sab_jax.quant.providers import base
+from sab_jax.quant.providers import base, salient_split
 
 DECODER = r"language_model\.layers\..*"
 INT8 = (r"language_model\.embed_tokens\.embedding", r"lm_head\.kernel")
@@ -97,7 +97,7 @@ def synthetic_structured_sab(shape: tuple[int, int], provider: providers.Sab,
     raise ValueError(f"{provider!r} is not a structured SAB / ARB-RC provider")
   n_in, n_out = shape
   _, group = base.effective_blocks(n_in, provider.block_size, provider.scale_block)
-  budget = max(1, min(group, round(provider.salient_rows * group)))
+  budget = salient_split.salient_count(provider.salient_rows, group, structured=True)
   rows = bits_core.block_rows(n_in, group)
   salient = np.zeros(n_in, bool)
   per_group = []

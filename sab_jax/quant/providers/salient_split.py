@@ -215,6 +215,17 @@ def _salient_split_ptq(kernel, h, weight, *, block_size, n_salient, iters, mode,
 STRUCTURED_SALIENT_ROWS = 0.08
 
 
+def salient_count(salient_rows: float | str, group: int, *, structured: bool) -> int | None:
+  """Salient rows per block (or scale group) of a `salient_rows` setting; None: searched per block."""
+  if salient_rows == "search" and structured:
+    salient_rows = STRUCTURED_SALIENT_ROWS
+  if salient_rows == "search":
+    return None
+  if isinstance(salient_rows, (int, float)) and not isinstance(salient_rows, bool) and 0 < salient_rows <= 1:
+    return max(1, min(group, round(salient_rows * group)))
+  raise ValueError(f"salient_rows={salient_rows!r}: 'search' or a fraction in (0, 1]")
+
+
 def salient_split_ptq(kernel: jax.Array, h: jax.Array, weight: jax.Array, *, block_size: int,
                       salient_rows: float | str, iters: int, mode: str, split: bool,
                       scale_block: int | None = None, refine: int = 0
@@ -246,14 +257,7 @@ def salient_split_ptq(kernel: jax.Array, h: jax.Array, weight: jax.Array, *, blo
   if scale_block is not None and (mode != "rc" or split):
     raise ValueError("scale_block (structured mode) needs mode='rc' and split=False")
   block_size, group = base.effective_blocks(n_in, block_size, scale_block)
-  if salient_rows == "search" and scale_block is not None:
-    salient_rows = STRUCTURED_SALIENT_ROWS
-  if salient_rows == "search":
-    n_salient = None
-  elif isinstance(salient_rows, (int, float)) and not isinstance(salient_rows, bool) and 0 < salient_rows <= 1:
-    n_salient = max(1, min(group, round(salient_rows * group)))
-  else:
-    raise ValueError(f"salient_rows={salient_rows!r}: 'search' or a fraction in (0, 1]")
+  n_salient = salient_count(salient_rows, group, structured=scale_block is not None)
   if refine and (mode != "rc" or scale_block is not None):
     raise ValueError("refine (joint 2nd-order refinement) is for ARB-RC's unstructured layout (mode 'rc')")
   arrays = _salient_split_ptq(kernel, h, weight, block_size=block_size, n_salient=n_salient,
