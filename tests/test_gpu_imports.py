@@ -21,7 +21,8 @@ def test_gpu_code_paths_import_without_ml_collections_tfds_grain():
   assert p.returncode == 0, p.stderr[-2000:]
 
 
-@pytest.mark.parametrize("script", ["binarize_speed.py", "packed_matmul_speed.py", "export_size.py"])
+@pytest.mark.parametrize("script", ["binarize_speed.py", pytest.param("packed_matmul_speed.py", marks=pytest.mark.slow),
+                                    pytest.param("export_size.py", marks=pytest.mark.slow)])
 def test_gpu_benchmarks_import_without_them(script):
   code = (BLOCK + "import runpy\n"
           "sys.argv = ['x', '--help']\n"

@@ -44,7 +44,8 @@ def _real(shape):
 
 # 1024x768: two full 512-row groups. 588x64 (LLaVA's patch embedding rows): a full group and
 # a partial one of 76 rows, and `in` not a multiple of 32.
-@pytest.mark.parametrize("shape", [pytest.param((1024, 768), marks=pytest.mark.slow), (588, 64)])
+@pytest.mark.slow
+@pytest.mark.parametrize("shape", [(1024, 768), (588, 64)])
 def test_synthetic_parts_have_the_providers_layout_and_bytes(shape, tmp_path):
   real = _real(shape)
   syn = export_size.synthetic_structured_sab(shape, SAB, np.random.default_rng(1))

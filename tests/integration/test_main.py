@@ -73,6 +73,7 @@ def test_smoke_retrain_writes_results_and_resumes(tmp_path):
   assert meta["model"]["variant"] == "demo" and "image_coordinates" not in meta["model"]
 
 
+@pytest.mark.slow
 def test_shipped_teacher_answers_the_test_split(tmp_path):
   """The embedded default: the teacher shipped in the repo loads and answers the first 64
   test questions, spatial relations included (>= 90% on every type on the whole split)."""

@@ -105,6 +105,7 @@ def test_pod_config_runs_end_to_end_from_a_hf_checkpoint(tmp_path):
   assert any(reference)  # the random model says something, so the comparison is not empty == empty
 
 
+@pytest.mark.slow  # the config itself loads in the fast tier: test_config_utils.py, test_multiprocess.py
 def test_pod_config_input_errors_name_the_fix(tmp_path):
   manual, ckpt, _ = _fixture(tmp_path)
   proc = _run(tmp_path)

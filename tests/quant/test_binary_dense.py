@@ -38,6 +38,7 @@ def test_binary_dense_starts_as_the_ptq_layer(name, shape):
     np.testing.assert_array_equal(back.arrays()[k], v, err_msg=k)
 
 
+@pytest.mark.slow
 def test_only_latents_and_scales_get_gradients_and_masks_never_change():
   rng = np.random.default_rng(0)
   shape = (256, 64)

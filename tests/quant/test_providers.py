@@ -102,6 +102,7 @@ def test_lambda_actually_changes_sab():
   assert float(jnp.std(sig.lam)) > 0.01
 
 
+@pytest.mark.slow
 def test_bits_match_the_formulas():
   """stored_bits equals the bits_core count from the parts, for every method."""
   w, _, _ = _layer()
