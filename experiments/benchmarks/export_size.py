@@ -6,7 +6,11 @@ exactly the structured-SAB layout (`Sab(structured=True)`: sign plane, residual 
 `round(salient_rows · scale_block)` salient input rows per group, salient-row flags,
 alpha_in [in,2], alpha_out [groups,3,out]) drawn from random numbers
 (`synthetic_structured_sab`; tests/integration/test_export_size.py checks it against the real
-provider on a small kernel), and every other param random bf16 values. Running the real
+provider on a small kernel), and every other param random bf16 values. The synthetic parts
+put `round(salient_rows · scale_block)` rows in every group; the provider's default
+(`salient_budget="layer"`) spreads the same total over the groups by need, which writes the
+same bytes (flags are a bitmap; the residual plane and alpha_in are compacted to the
+salient rows, whose total is the same) and moves the formula only in the position-list bits. Running the real
 binarizer on 7B takes hours on a CPU (binarize_speed.py) and would not change a byte.
 
 All sizes come from what `writer.export` writes: `binarized_bytes` and `params_bytes`

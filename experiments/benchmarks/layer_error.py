@@ -41,10 +41,12 @@ METHODS = {
     "billm": providers.BiLLM(),
     "billm_fixed8": providers.BiLLM(salient_rows=0.08),
     "arb_rc": providers.ArbRc(),
-    "arb_rc_fixed8_norefine": providers.ArbRc(salient_rows=0.08, refine_iters=0),
-    "arb_rc_norefine": providers.ArbRc(refine_iters=0),
+    "arb_rc_one_group": providers.ArbRc(salient_groups=False),
+    "arb_rc_one_group_norefine": providers.ArbRc(salient_groups=False, refine_iters=0),
+    "arb_rc_fixed8_one_group_norefine": providers.ArbRc(salient_rows=0.08, salient_groups=False, refine_iters=0),
     "sab": providers.Sab(),
     "sab_structured": providers.Sab(structured=True),
+    "sab_structured_group_budget": providers.Sab(structured=True, salient_budget="group"),
     "arb_rc_structured": providers.ArbRc(structured=True),
 }
 

@@ -21,7 +21,10 @@ from sab_jax.quant.core import bits_core
 REPO = os.path.join(os.path.dirname(__file__), "..", "..")
 SCRIPT = os.path.join(REPO, "experiments", "benchmarks", "export_size.py")
 
-SAB = providers.Sab(structured=True)
+# The synthetic parts put the same salient-row count in every group; the provider's default
+# spreads that total over the groups (salient_budget="layer"), which writes the same bytes
+# (checked below), so the layout comparison pins the per-group budget.
+SAB = providers.Sab(structured=True, salient_budget="group")
 
 
 class _OneDense(nnx.Module):
@@ -30,8 +33,8 @@ class _OneDense(nnx.Module):
 
 
 @functools.cache
-def _real(shape):
-  """Sab(structured=True) on a random kernel with random LayerStats (as tests/quant builds them)."""
+def _real(shape, provider=SAB):
+  """`provider` on a random kernel with random LayerStats (as tests/quant builds them)."""
   r = np.random.default_rng(0)
   n_in = shape[0]
   x_t = r.normal(size=(512, n_in)) * r.lognormal(0, 1, n_in)
@@ -39,7 +42,7 @@ def _real(shape):
   stats = providers.LayerStats(jnp.asarray(2 / len(x_t) * x_t.T @ x_t, jnp.float32),
                                jnp.asarray(2 / len(x_v) * x_v.T @ x_v, jnp.float32), len(x_t), len(x_v))
   w = jnp.asarray(r.normal(size=shape) / np.sqrt(n_in), jnp.float32)
-  return SAB(w, stats)
+  return provider(w, stats)
 
 
 # 1024x768: two full 512-row groups. 588x64 (LLaVA's patch embedding rows): a full group and
@@ -81,6 +84,12 @@ def test_synthetic_parts_have_the_providers_layout_and_bytes(shape, tmp_path):
   lr = export_lib.read_manifest(str(tmp_path / "r"))["layers"]
   ls = export_lib.read_manifest(str(tmp_path / "s"))["layers"]
   assert ls == lr
+  # The default, layer-wide budget: other counts per group, the same total and the same bytes.
+  spread = _real(shape, providers.Sab(structured=True))
+  sal = np.asarray(spread.parts.salient_rows)
+  assert sal.sum() == rp["salient_rows"].sum()
+  out_l = export_lib.export(_OneDense(*shape), {"proj": spread}, "sab", SAB, str(tmp_path / "l"))
+  assert (out_l["binarized_bytes"], out_l["bits_per_weight"]) == (out_r["binarized_bytes"], out_r["bits_per_weight"])
   # The synthetic export loads (its parts decode and dequantize).
   loaded, _ = export_lib.load(str(tmp_path / "s"), _OneDense(*shape))
   assert np.all(np.isfinite(np.asarray(loaded.proj.kernel[...])))

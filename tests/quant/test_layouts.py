@@ -24,6 +24,7 @@ VARIANTS = {
     "pbllm_4bit": providers.PbLlm(salient_bits=4, salient_fraction=0.02),
     "billm": providers.BiLLM(),
     "arb_rc": providers.ArbRc(),
+    "arb_rc_groups": providers.ArbRc(salient_groups=True),
     "arb_rc_structured": providers.ArbRc(structured=True, scale_block=256),
     "sab": providers.Sab(),
     "sab_structured": providers.Sab(structured=True, scale_block=256),
@@ -45,8 +46,9 @@ def test_every_method_is_covered():
 
 
 # Fast: on the narrow shape, a layout with bit planes and a residual (structured SAB), one
-# with a mean offset and no planes (BiLLM), one with integer salient values (PB-LLM).
-FAST = {"sab_structured", "billm", "pbllm"}
+# with a mean offset and no planes (BiLLM), one with integer salient values (PB-LLM), one
+# with both group bitmaps and four alpha_in slots (ARB-RC's salient groups).
+FAST = {"sab_structured", "billm", "pbllm", "arb_rc_groups"}
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -94,7 +96,10 @@ def test_check_names_the_broken_invariant():
     dataclasses.replace(parts, alpha_out=parts.alpha_out[:1]).check()
   with pytest.raises(ValueError, match="salient_rows"):
     dataclasses.replace(parts, salient_rows=parts.salient_rows.astype(np.int8)).check()
-  with pytest.raises(ValueError, match=r"alpha_out.*4"):  # a split bitmap where the layout has none: C no longer fits
+  with pytest.raises(ValueError, match="group_hi"):  # a group bitmap where the layout (read off alpha_out) has none
     dataclasses.replace(parts, group_hi=np.zeros(parts.shape, bool)).check()
+  with pytest.raises(ValueError, match="alpha_out components"):  # no layout has 7 scale components
+    dataclasses.replace(parts, alpha_out=np.zeros(parts.alpha_out.shape[:1] + (7,) + parts.alpha_out.shape[2:],
+                                                  parts.alpha_out.dtype)).check()
   with pytest.raises(ValueError, match="residual_signs"):  # which rows are salient: residual planes only there
     dataclasses.replace(parts, residual_signs=parts.residual_signs | ~parts.salient_rows[:, None]).check()

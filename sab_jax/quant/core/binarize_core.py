@@ -34,6 +34,9 @@ import jax.numpy as jnp
 
 # Quantile levels of |W| tried as the break point of the bell-shaped split.
 SPLIT_LEVELS = tuple(0.40 + 0.03 * i for i in range(20))  # 0.40 ... 0.97
+# Quantile levels of the split key tried as the salient-group break point (ARB-LLM's
+# `--order2_group` grid, 0.10 ... 0.90).
+SALIENT_GROUP_LEVELS = tuple(0.10 + 0.02 * i for i in range(41))
 
 
 def sign(x: jax.Array) -> jax.Array:
@@ -223,24 +226,25 @@ def residual_binarize(w: jax.Array, weight: jax.Array, mask: jax.Array, iters: i
 
 def split_search(w: jax.Array, weight: jax.Array, mask: jax.Array,
                  quick_fit: Callable[[jax.Array, jax.Array, jax.Array], jax.Array],
-                 levels: Sequence[float] = SPLIT_LEVELS
+                 levels: Sequence[float] = SPLIT_LEVELS, key: jax.Array | None = None
                  ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """BiLLM's bell-shaped split of the masked weights into |W| <= t and |W| > t.
 
-  Candidate break points `t` are quantiles (`levels`) of |W| over the mask; each is
-  scored by the weighted error of binarizing both groups with `quick_fit` (each group
-  its own scales) and the best is kept.
+  Candidate break points `t` are quantiles (`levels`) of |W| (or of `key`) over the mask;
+  each is scored by the weighted error of binarizing both groups with `quick_fit` (each
+  group its own scales) and the best is kept.
 
   Args:
     w, weight, mask: `[rows, out]`.
     quick_fit: `(w, weight, mask) -> Ŵ` (masked entries only matter).
     levels: static quantile levels.
+    key: `[rows, out]` non-negative split key (default |W|).
 
   Returns:
     (hi mask `[rows, out]` bool, threshold, per-candidate errors `[len(levels)]`).
   """
   mask = mask.astype(bool)
-  a = jnp.abs(w)
+  a = jnp.abs(w) if key is None else key
   cands = jnp.nanquantile(jnp.where(mask, a, jnp.nan), jnp.asarray(levels, jnp.float32))
   v = weight * mask
 
@@ -260,6 +264,12 @@ def quick_rc(w: jax.Array, weight: jax.Array, mask: jax.Array) -> jax.Array:
   """Cheap scorer for the split search: ARB-RC init only (alpha_in = 1)."""
   f = arb_rc(w, weight, mask, 0)
   return rc_dequant(f.signs, f.alpha_in, f.alpha_out)
+
+
+def quick_rc2(w: jax.Array, weight: jax.Array, mask: jax.Array) -> jax.Array:
+  """Cheap scorer for the salient-group split: the order-2 residual ARB-RC init."""
+  q1 = quick_rc(w, weight, mask)
+  return q1 + quick_rc(w - q1, weight, mask)
 
 
 def quick_mean_offset(w: jax.Array, weight: jax.Array, mask: jax.Array) -> jax.Array:
@@ -413,12 +423,26 @@ def refine_order2(w: jax.Array, weight: jax.Array, mask: jax.Array, iters: int, 
 #   signs [rows, out] bool     first-order sign (True = +1) of every entry
 #   residual_signs [rows,out]  sign of the 2nd-order residual plane (read on salient rows)
 #   salient_rows [rows] bool   input channels with residual binarization
-#   group_hi [rows, out] bool  bell-shaped split, |W| > t (read on non-salient rows;
-#                              only when `split`)
-#   alpha_out [C, out] bf16    per-component output scales, C = (order1, order2, lo, hi)
-#                              with `split`, (order1, order2, rest) without
-#   alpha_in [rows, 2] bf16    ("rc" mode) slot 0: order1 / lo / rest, slot 1: order2 / hi
+#   group_hi [rows, out] bool  the per-weight group bitmap: on non-salient rows the
+#                              bell-shaped split (|W| > t; `split`), on salient rows the
+#                              salient-group split (`salient_groups`); absent without either
+#   alpha_out [C, out] bf16    per-component output scales, C = (order1, order2, rest | lo,
+#                              [hi], [order1', order2']): 3 + split + 2·salient_groups
+#   alpha_in [rows, S] bf16    ("rc" mode) slot 0: order1 / lo / rest, slot 1: order2 / hi;
+#                              with salient groups (S = 4) slots 2, 3: order1' / order2'
+#                              of the salient rows' high group
 #   mu [C, out] bf16           ("mean_offset" mode) per-component offsets
+
+
+def salient_layout(alpha_out_components: int, rc: bool) -> tuple[bool, bool]:
+  """(split, salient_groups) of a salient-row layout, read off its alpha_out components
+  (3 + split + 2·salient_groups; salient groups are ARB-RC's, `rc`)."""
+  groups = rc and alpha_out_components >= 5
+  extra = alpha_out_components - 3 - 2 * groups
+  if extra not in (0, 1):
+    raise ValueError(f"no salient-row layout ({'rc' if rc else 'mean_offset'}) has "
+                     f"{alpha_out_components} alpha_out components")
+  return bool(extra), groups
 
 
 def _row_scores(w, weight, hinv_diag):
@@ -428,9 +452,40 @@ def _row_scores(w, weight, hinv_diag):
 
 
 def _top_rows(w, weight, hinv_diag, valid, n):
-  score = jnp.sum(weight * jnp.square(w), axis=1) / jnp.square(hinv_diag)
-  _, idx = jax.lax.top_k(jnp.where(valid, score, -jnp.inf), n)
-  return jnp.zeros(w.shape[0], bool).at[idx].set(True) & valid
+  """The `n` (static, or a traced count) valid rows of largest saliency; ties: lower row."""
+  score, _ = _row_scores(w, weight, hinv_diag)
+  rank = jnp.argsort(jnp.argsort(-jnp.where(valid, score, -jnp.inf)))
+  return (rank < n) & valid
+
+
+def residual_plane_gain(w: jax.Array, weight: jax.Array, hinv_diag: jax.Array) -> jax.Array:
+  """Per row, the drop of the OBS-scaled error that a residual plane buys.
+
+  Under a per-row-scale model (the row's weighted least-squares scale, sign(W)): the error
+  of one plane minus that of two planes (the second on the residual), over d_j² so rows
+  compare as their output error does. Rows with the largest gain are where a layer-wide
+  salient-row budget does most (`allocate_salient_rows`).
+  """
+  w = w.astype(jnp.float32)
+  v = weight.astype(jnp.float32)
+  den = jnp.maximum(jnp.sum(v, axis=1, keepdims=True), 1e-30)
+
+  def plane(x):
+    a = jnp.sum(v * jnp.abs(x), axis=1, keepdims=True) / den
+    return x - a * sign(x)
+
+  r1 = plane(w)
+  e1 = jnp.sum(v * jnp.square(r1), axis=1)
+  e2 = jnp.sum(v * jnp.square(plane(r1)), axis=1)
+  return (e1 - e2) / jnp.square(hinv_diag)
+
+
+def allocate_salient_rows(w: jax.Array, weight: jax.Array, hinv_diag: jax.Array, valid: jax.Array,
+                          budget: int) -> jax.Array:
+  """`[rows]` bool: the layer-wide `budget` (static) rows of largest `residual_plane_gain`."""
+  gain = jnp.where(valid, residual_plane_gain(w, weight, hinv_diag), -jnp.inf)
+  rank = jnp.argsort(jnp.argsort(-gain))
+  return (rank < budget) & valid
 
 
 def compose_salient_split(parts: dict[str, jax.Array], mode: str) -> jax.Array:
@@ -438,14 +493,18 @@ def compose_salient_split(parts: dict[str, jax.Array], mode: str) -> jax.Array:
   s1 = jnp.where(parts["signs"], 1.0, -1.0)
   s2 = jnp.where(parts["residual_signs"], 1.0, -1.0)
   a_out = parts["alpha_out"].astype(jnp.float32)
-  split = a_out.shape[0] == 4
+  n_comp = a_out.shape[0]
   if mode == "rc":
     a_in = parts["alpha_in"].astype(jnp.float32)
+    split, groups = salient_layout(n_comp, True)
     comp = lambda s, slot, c: a_in[:, slot, None] * s * a_out[c][None, :]
   else:
+    split, groups = salient_layout(n_comp, False)
     mu = parts["mu"].astype(jnp.float32)
     comp = lambda s, slot, c: s * a_out[c][None, :] + mu[c][None, :]
   salient = comp(s1, 0, 0) + comp(s2, 1, 1)
+  if groups:
+    salient = jnp.where(parts["group_hi"], comp(s1, 2, n_comp - 2) + comp(s2, 3, n_comp - 1), salient)
   rest = comp(s1, 0, 2)
   if split:
     rest = jnp.where(parts["group_hi"], comp(s1, 1, 3), rest)
@@ -454,7 +513,9 @@ def compose_salient_split(parts: dict[str, jax.Array], mode: str) -> jax.Array:
 
 def salient_split_block(w: jax.Array, weight: jax.Array, hinv_diag: jax.Array,
                         valid: jax.Array, *, n_salient: int | None, iters: int, mode: str,
-                        split: bool, levels: Sequence[float] = SPLIT_LEVELS, refine: int = 0
+                        split: bool, levels: Sequence[float] = SPLIT_LEVELS, refine: int = 0,
+                        salient_groups: bool = False,
+                        group_levels: Sequence[float] = SALIENT_GROUP_LEVELS
                         ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Binarize one block of input channels: salient rows 2nd order, rest 1st order.
 
@@ -463,8 +524,10 @@ def salient_split_block(w: jax.Array, weight: jax.Array, hinv_diag: jax.Array,
   (so `d_j² = [H_F⁻¹]_jj` of the not-yet-quantized set: the OBS saliency; with
   weight ≡ 1 this is BiLLM's column criterion), or, with `n_salient=None`, as many as
   `search_salient_count` picks for this block. They get residual binarization (in "rc"
-  mode with `refine` sweeps of `refine_order2`); the other valid rows are split by |W|
-  (when `split`) into two groups with their own scales.
+  mode with `refine` sweeps of `refine_order2`); with `salient_groups` their entries are
+  first split in two by `√weight·|W|` (ARB-LLM's `--order2_group`, which splits by the
+  saliency W²/d_j²), each group with its own two planes' scales. The other valid rows
+  are split by |W| (when `split`) into two groups with their own scales.
 
   Args:
     w: `[rows, out]` current (compensated) weights of the block.
@@ -479,15 +542,21 @@ def salient_split_block(w: jax.Array, weight: jax.Array, hinv_diag: jax.Array,
     levels: split candidates.
     refine: joint refinement sweeps of the salient rows' two planes ("rc" mode; 0: the
       plain residual fit).
+    salient_groups: split the salient rows' entries into two groups ("rc" mode).
+    group_levels: salient-group split candidates (quantiles of √weight·|W|).
 
   Returns:
     (Ŵ `[rows, out]`, parts dict as documented above).
   """
+  if mode not in ("rc", "mean_offset"):
+    raise ValueError(f"unknown mode {mode!r}")
+  if salient_groups and mode != "rc":
+    raise ValueError("salient_groups needs mode 'rc' (ARB-RC's order-2 groups)")
   w = w.astype(jnp.float32)
   weight = weight.astype(jnp.float32)
+  score, _ = _row_scores(w, weight, hinv_diag)
   if n_salient is None:
     count, _ = search_salient_count(w, weight, hinv_diag, valid, min(SEARCH_MAX_ROWS, w.shape[0]))
-    score, _ = _row_scores(w, weight, hinv_diag)
     rank = jnp.argsort(jnp.argsort(-jnp.where(valid, score, -jnp.inf)))
     sal = (rank < count) & valid
   else:
@@ -507,39 +576,52 @@ def salient_split_block(w: jax.Array, weight: jax.Array, hinv_diag: jax.Array,
       f = arb_rc(x, weight, m, iters)
       a_in, a_out = bf16_round(f.alpha_in), bf16_round(f.alpha_out)
       return f.signs, a_in, a_out, None, rc_dequant(f.signs, a_in, a_out)
-  elif mode == "mean_offset":
+  else:
     def fit(x, m):
       f = mean_offset(x, m)
       a_out, mu = bf16_round(f.alpha_out), bf16_round(f.mu)
       return f.signs, None, a_out, mu, mean_offset_dequant(f.signs, a_out, mu)
-  else:
-    raise ValueError(f"unknown mode {mode!r}")
 
-  if mode == "rc" and refine:
-    f = refine_order2(w, weight, m_sal, iters, refine)
-    s1, s2, mu1, mu2 = f.signs, f.residual, None, None
-    ai1, ai2, ao1, ao2 = f.alpha_in[:, 0], f.alpha_in[:, 1], f.alpha_out[0], f.alpha_out[1]
+  def fit2(m):
+    """The salient entries `m`: (s1, s2, (ai1, ai2), (ao1, ao2), (mu1, mu2))."""
+    if mode == "rc" and refine:
+      f = refine_order2(w, weight, m, iters, refine)
+      return f.signs, f.residual, (f.alpha_in[:, 0], f.alpha_in[:, 1]), (f.alpha_out[0], f.alpha_out[1]), None
+    s1, ai1, ao1, mu1, w1 = fit(w, m)
+    s2, ai2, ao2, mu2, _ = fit(w - w1, m)
+    return s1, s2, (ai1, ai2), (ao1, ao2), (mu1, mu2)
+
+  if salient_groups:
+    # split key √weight·|W| (|W| for ARB-RC; Λ-weighted magnitude for SAB): on the reference
+    # layers |W| beat the OBS saliency W²/d_j² ARB-LLM splits by (layer_error.py)
+    key = jnp.sqrt(weight) * jnp.abs(w)
+    hi_sal, _, _ = split_search(w, weight, m_sal, quick_rc2, group_levels, key=key)
+    s1_lo, s2_lo, ai_sal, ao_sal, _ = fit2(m_sal & ~hi_sal)
+    s1_hi, s2_hi, ai_hi, ao_hi, _ = fit2(hi_sal)
+    s1, s2 = jnp.where(hi_sal, s1_hi, s1_lo), jnp.where(hi_sal, s2_hi, s2_lo)
+    hi = jnp.where(m_sal, hi_sal, hi)
   else:
-    s1, ai1, ao1, mu1, w1 = fit(w, m_sal)
-    s2, ai2, ao2, mu2, _ = fit(w - w1, m_sal)
+    s1, s2, ai_sal, ao_sal, mu_sal = fit2(m_sal)
   fits = [fit(w, g) for g in groups]
   signs = jnp.where(m_sal, s1 > 0, False)
   for g, f in zip(groups, fits):
     signs = jnp.where(g, f[0] > 0, signs)
+  a_out = list(ao_sal) + [f[2] for f in fits] + (list(ao_hi) if salient_groups else [])
   parts = {
       "signs": signs,
       "residual_signs": jnp.where(m_sal, s2 > 0, False),
       "salient_rows": sal,
-      "alpha_out": jnp.stack([ao1, ao2] + [f[2] for f in fits]).astype(jnp.bfloat16),
+      "alpha_out": jnp.stack(a_out).astype(jnp.bfloat16),
   }
-  if split:
+  if split or salient_groups:
     parts["group_hi"] = hi
   if mode == "rc":
-    slot0 = jnp.where(sal, ai1, fits[0][1])
-    slot1 = jnp.where(sal, ai2, fits[1][1] if split else 1.0)
-    parts["alpha_in"] = jnp.stack([slot0, slot1], axis=1).astype(jnp.bfloat16)
+    slots = [jnp.where(sal, ai_sal[0], fits[0][1]), jnp.where(sal, ai_sal[1], fits[1][1] if split else 1.0)]
+    if salient_groups:
+      slots += [jnp.where(sal, a, 1.0) for a in ai_hi]
+    parts["alpha_in"] = jnp.stack(slots, axis=1).astype(jnp.bfloat16)
   else:
-    parts["mu"] = jnp.stack([mu1, mu2] + [f[3] for f in fits]).astype(jnp.bfloat16)
+    parts["mu"] = jnp.stack(list(mu_sal) + [f[3] for f in fits]).astype(jnp.bfloat16)
   w_hat = jnp.where(valid[:, None], compose_salient_split(parts, mode), 0.0)
   return w_hat, parts
 
@@ -557,13 +639,14 @@ def salient_split_block(w: jax.Array, weight: jax.Array, hinv_diag: jax.Array,
 
 
 def structured_prepare(w: jax.Array, weight: jax.Array, hinv_diag: jax.Array, valid: jax.Array,
-                       *, n_salient: int, iters: int) -> dict[str, jax.Array]:
+                       *, n_salient: int | jax.Array, iters: int) -> dict[str, jax.Array]:
   """Salient rows and shared alpha_out of one group (GPTQ calls it at the group start).
 
   Args:
     w, weight: `[group, out]` current weights and error weights.
     hinv_diag, valid: `[group]`.
-    n_salient: salient rows of the group (static), ranked as in `salient_split_block`.
+    n_salient: salient rows of the group (static, or traced: the group's share of a
+      layer-wide budget), ranked as in `salient_split_block`.
     iters: ARB-RC sweeps.
 
   Returns:

@@ -67,7 +67,8 @@ def pbllm_bits(n_in: int, n_out: int, *, n_salient: int, salient_bits: int,
 
 
 def salient_split_bits(n_in: int, n_out: int, *, block_rows: Sequence[int],
-                       salient_per_block: Sequence[int], mode: str, split: bool) -> BitCount:
+                       salient_per_block: Sequence[int], mode: str, split: bool,
+                       salient_groups: bool = False) -> BitCount:
   """BiLLM / ARB-RC / SAB: salient rows with a residual plane, the rest 1 or 2 groups.
 
   nominal = 1 + n_sal_rows / in   (the sign plane plus the salient rows' residual
@@ -76,10 +77,12 @@ def salient_split_bits(n_in: int, n_out: int, *, block_rows: Sequence[int],
           + n_sal_rows·out residual signs
           + per block: salient-row positions, min(rows, n_sal·ceil(log2 rows))
           + (split) 1 bit per weight of the non-salient rows (group bitmap)
-          + per block: C·out alpha_out at 16 bits, C = 4 (order1, order2, lo, hi) with
-            split, 3 (order1, order2, rest) without
+          + (salient_groups) 1 bit per weight of the salient rows (their group bitmap)
+          + per block: C·out alpha_out at 16 bits, C = 3 (order1, order2, rest), + 1 with
+            split (lo, hi), + 2 with salient groups (order1', order2')
           + mode "rc": alpha_in at 16 bits, 2 per row with split (order1/order2 or
-            lo/hi), else 2 per salient row and 1 per other row
+            lo/hi), else 2 per salient row and 1 per other row; + 2 per salient row with
+            salient groups
           + mode "mean_offset": C·out offsets mu per block at 16 bits.
 
   Args:
@@ -88,18 +91,22 @@ def salient_split_bits(n_in: int, n_out: int, *, block_rows: Sequence[int],
     salient_per_block: salient rows of each block.
     mode: "rc" or "mean_offset".
     split: bell-shaped split of the non-salient rows (per-weight bitmap).
+    salient_groups: the salient rows' entries in two groups (per-weight bitmap, 2 more
+      scale pairs).
   """
   n = n_in * n_out
   n_blocks = len(block_rows)
   n_sal = int(sum(salient_per_block))
-  c = 4 if split else 3
+  c = 3 + split + 2 * salient_groups
   stored = n + n_sal * n_out
   stored += sum(positions_bits(s, r) for s, r in zip(salient_per_block, block_rows))
   if split:
     stored += (n_in - n_sal) * n_out
+  if salient_groups:
+    stored += n_sal * n_out
   stored += n_blocks * c * n_out * SCALE_BITS
   if mode == "rc":
-    stored += (2 * n_in if split else n_in + n_sal) * SCALE_BITS
+    stored += ((2 * n_in if split else n_in + n_sal) + 2 * n_sal * salient_groups) * SCALE_BITS
   elif mode == "mean_offset":
     stored += n_blocks * c * n_out * SCALE_BITS
   else:

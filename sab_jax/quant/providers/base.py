@@ -320,9 +320,9 @@ def two_plane_latent(signs: np.ndarray, first_scale: np.ndarray, residual_signs:
                      second_scale: np.ndarray | None = None) -> np.ndarray:
   """Latent weights whose signs give exactly the planes of `two_plane_weight`.
 
-  Per entry, with A = |first_scale| and B = second_scale: latent = s1·A (+ s2·min(B, A/2)
-  where B > 0), floored away from 0 (float32 throughout). Then sign(latent) = s1 and
-  latent − s1·A has sign s2.
+  Per entry, with A = |first_scale| and B = |second_scale|: latent = s1·A (+ s2·min(B, A/2)
+  where B ≠ 0, at least A·2⁻¹⁸; a refined residual scale may be negative), floored away
+  from 0 (float32 throughout). Then sign(latent) = s1 and latent − s1·A has sign s2.
   """
   one = np.float32(1)
   s1 = np.where(np.asarray(signs), one, -one)
@@ -330,6 +330,7 @@ def two_plane_latent(signs: np.ndarray, first_scale: np.ndarray, residual_signs:
   lat = s1 * a
   if residual_signs is not None:
     s2 = np.where(np.asarray(residual_signs), one, -one)
-    b = np.asarray(second_scale, np.float32)
-    lat = lat + s2 * np.maximum(np.minimum(b, a / 2), np.float32(1e-9)) * (b > 0).astype(np.float32)
+    b = np.abs(np.asarray(second_scale, np.float32))
+    # at least a few ulps of A, so that latent − s1·A keeps the sign in float32
+    lat = lat + s2 * np.maximum(np.minimum(b, a / 2), a * np.float32(2.0 ** -18)) * (b > 0).astype(np.float32)
   return lat.astype(np.float32)

@@ -10,8 +10,9 @@ the same code path with Λ ≡ 1.
 Error weight: Λ (lambda_power = 1) by default; Λ² is the ablation (the paper does not
 say which it uses).
 
-Parts: `salient_split.SalientSplitParts` in "rc" mode (alpha_out `[n_blocks, 4, out]`
-with the split; structured: no group_hi, alpha_out `[ceil(in/scale_block), 3, out]`).
+Parts: `salient_split.SalientSplitParts` in "rc" mode (alpha_out `[n_blocks, 6, out]`
+and alpha_in `[in, 4]` with the split and two salient groups, `[n_blocks, 4, out]` and
+`[in, 2]` with one; structured: no group_hi, alpha_out `[ceil(in/scale_block), 3, out]`).
 
 Structured mode (`structured=True`), a layout that really stores ≤ 1.2 bits/weight:
   * salient structure is whole input channels (a flag per channel, no per-weight bitmap);
@@ -66,11 +67,18 @@ class Sab:
   # Joint refinement sweeps of the salient rows' two planes (scales and signs, ARB-LLM's
   # "refine B"); 0: the plain residual fit. Unstructured layout only.
   refine_iters: int = 15
+  # Split each block's salient entries by magnitude into two groups, each with its own two
+  # planes' scales (ARB-LLM's `--order2_group`): 27% less layer error than one group on the
+  # reference layers for +0.29 stored bits/weight (RESULTS.md). Unstructured layout only.
+  salient_groups: bool = True
   # Store ≤ 1.2 bits/weight: no per-weight bitmaps, coarser alpha_out (module doc).
   structured: bool = False
   # Structured mode: inputs sharing alpha_out and a salient-row budget (multiple of
   # block_size; GPTQ still compensates every block_size inputs).
   scale_block: int = 512
+  # Structured mode: "group", the same salient-row count in every scale block, or "layer",
+  # the same total spread over the layer's scale blocks where a residual plane helps most.
+  salient_budget: str = "layer"
 
   def significance(self, kernel: jax.Array, stats: base.LayerStats) -> significance_core.Significance:
     """Steps 2–5: the significance map of this layer."""
@@ -90,7 +98,8 @@ class Sab:
         kernel, h, weight, block_size=self.block_size, salient_rows=self.salient_rows,
         iters=self.iters, mode="rc", split=not self.structured,
         scale_block=self.scale_block if self.structured else None,
-        refine=0 if self.structured else self.refine_iters)
+        refine=0 if self.structured else self.refine_iters,
+        salient_groups=self.salient_groups and not self.structured, salient_budget=self.salient_budget)
     return base.Binarized(w_hat, bits.nominal_bits, bits.stored_bits, parts,
                           base.error_metrics(kernel, w_hat, h, weight))
 
@@ -113,15 +122,20 @@ class ArbRc:
   iters: int = 15
   # Joint refinement sweeps of the salient rows' planes (as Sab).
   refine_iters: int = 15
+  # Two salient groups per block (as Sab).
+  salient_groups: bool = True
   # Sab's <= 1.2-stored-bit layout (for comparisons at matched stored bits).
   structured: bool = False
   # Structured mode: inputs sharing alpha_out.
   scale_block: int = 512
+  # Structured mode: where the salient-row budget goes (as Sab).
+  salient_budget: str = "layer"
 
   @property
   def _sab(self) -> Sab:
     return Sab(salient_rows=self.salient_rows, block_size=self.block_size, iters=self.iters,
-               refine_iters=self.refine_iters, structured=self.structured, scale_block=self.scale_block)
+               refine_iters=self.refine_iters, salient_groups=self.salient_groups, structured=self.structured,
+               scale_block=self.scale_block, salient_budget=self.salient_budget)
 
   def __call__(self, kernel: jax.Array, stats: base.LayerStats) -> base.Binarized:
     return self._sab.binarize_with_lambda(kernel, stats, jnp.ones(kernel.shape, jnp.float32))

@@ -3,7 +3,9 @@
 Per block of input channels (GPTQ's `block_size`; `scale_block` in the structured
 variant), the salient rows get a 1st-order plane plus a 2nd-order residual plane, the
 other rows one plane, split by |W| into two groups where `split` (BiLLM's bell-shaped
-split, stored as a per-weight bitmap). `mode` "rc": `α_in[j]·B·α_out[k]` (ARB-RC);
+split, stored as a per-weight bitmap). With `salient_groups` the salient rows' entries
+are split in two as well (ARB-LLM's `--order2_group`; the same bitmap, read on the
+salient rows), each group with its own pair of planes' scales. `mode` "rc": `α_in[j]·B·α_out[k]` (ARB-RC);
 "mean_offset": `α_out[k]·B + μ[k]` (BiLLM). The block quantizers are in
 `core.binarize_core`; this file owns the resulting typed parts.
 """
@@ -30,6 +32,20 @@ def _rows(flags: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
   return np.broadcast_to(np.asarray(flags, bool).reshape((-1,) + (1,) * (len(shape) - 1)), shape)
 
 
+def _layout(arrays: Mapping[str, Any]) -> tuple[bool, bool]:
+  """(split, salient_groups), read off alpha_out (stored dense, so also when the other
+  parts are still compacted)."""
+  return binarize_core.salient_layout(arrays["alpha_out"].shape[-2], arrays.get("alpha_in") is not None)
+
+
+def _alpha_in_read(salient_rows: Any, slots: int, split: bool) -> np.ndarray:
+  """`[in, slots]` the alpha_in entries the layout reads: slot 0 on every row, slot 1 on
+  every row with the split (else the salient rows), slots 2, 3 on the salient rows."""
+  sal = np.asarray(salient_rows, bool)
+  every = np.ones_like(sal)
+  return np.stack([every, every if split else sal] + [sal] * (slots - 2), axis=1)
+
+
 @base.parts_dataclass(meta=("group", "mode"))
 class SalientSplitParts(base.Parts):
   """Parts of a salient-row layout; G = ceil(in / group) scale groups, C components.
@@ -37,11 +53,15 @@ class SalientSplitParts(base.Parts):
   signs [in,out] bool           first-order sign (True = +1) of every entry
   residual_signs [in,out] bool  2nd-order residual sign, False off the salient rows
   salient_rows [in] bool        rows with a residual plane
-  alpha_out [G,C,out] bf16      C = (order1, order2, lo, hi) with the split, (order1, order2, rest) without
-  alpha_in [in,2] bf16          ("rc") slot 0: order1 / lo / rest, slot 1: order2 / hi
-                                (1.0 off the salient rows without the split)
+  alpha_out [G,C,out] bf16      C = (order1, order2, rest | lo, [hi], [order1', order2']):
+                                3, +1 with the split, +2 with salient groups
+  alpha_in [in,S] bf16          ("rc") slot 0: order1 / lo / rest, slot 1: order2 / hi
+                                (1.0 off the salient rows without the split); S = 4 with
+                                salient groups: slots 2, 3 order1' / order2' (salient rows)
   mu [G,C,out] bf16             ("mean_offset") per-component offsets
-  group_hi [in,out] bool        the split's |W| > t bitmap (False on salient rows); None: no split
+  group_hi [in,out] bool        the per-weight group bitmap: the split's |W| > t on the other
+                                rows (False there without it), the salient groups' high
+                                group on the salient rows (False without them); None: neither
   group, mode                   rows per scale group (static), "rc" or "mean_offset"
   """
   signs: Any
@@ -56,21 +76,28 @@ class SalientSplitParts(base.Parts):
 
   @property
   def split(self) -> bool:
-    return self.group_hi is not None
+    return _layout(self.arrays())[0]
+
+  @property
+  def salient_groups(self) -> bool:
+    return _layout(self.arrays())[1]
 
   def expected(self):
     n_in, n_out = self.shape
     g = math.ceil(n_in / self.group)
-    c = 4 if self.split else 3
+    if self.mode not in MODES:
+      raise ValueError(f"unknown mode {self.mode!r}; one of {MODES}")
+    if self.mode == "mean_offset" and self.alpha_in is not None:
+      raise ValueError("mode 'mean_offset' has no alpha_in")
+    split, groups = self.split, self.salient_groups
+    c = 3 + split + 2 * groups
     out = {"signs": ((n_in, n_out), np.bool_), "residual_signs": ((n_in, n_out), np.bool_),
            "salient_rows": ((n_in,), np.bool_), "alpha_out": ((g, c, n_out), jnp.bfloat16)}
     if self.mode == "rc":
-      out["alpha_in"] = ((n_in, 2), jnp.bfloat16)
-    elif self.mode == "mean_offset":
-      out["mu"] = ((g, c, n_out), jnp.bfloat16)
+      out["alpha_in"] = ((n_in, 4 if groups else 2), jnp.bfloat16)
     else:
-      raise ValueError(f"unknown mode {self.mode!r}; one of {MODES}")
-    if self.split:
+      out["mu"] = ((g, c, n_out), jnp.bfloat16)
+    if split or groups:
       out["group_hi"] = ((n_in, n_out), np.bool_)
     return out
 
@@ -80,15 +107,15 @@ class SalientSplitParts(base.Parts):
 
   @classmethod
   def storage(cls, arrays: Mapping[str, Any]) -> dict[str, base.SparseRule]:
-    """residual_signs: the salient rows' entries; group_hi: the other rows' entries; alpha_in
-    (without the split): column 0 of every row, column 1 of the salient rows."""
+    """residual_signs: the salient rows' entries; group_hi: the other rows' entries (the
+    split), the salient rows' (salient groups), or all; alpha_in: `_alpha_in_read`."""
     sal = lambda a, s: _rows(a["salient_rows"], s)
+    split, groups = _layout(arrays)
     rules = {"residual_signs": (sal, False)}
-    if "group_hi" in arrays:
-      rules["group_hi"] = (lambda a, s: ~sal(a, s), False)
-    elif "alpha_in" in arrays:
-      rules["alpha_in"] = (lambda a, s: np.stack([np.ones(s[0], bool), np.asarray(a["salient_rows"], bool)],
-                                                 axis=1), 1.0)
+    if split != groups:
+      rules["group_hi"] = ((lambda a, s: ~sal(a, s), False) if split else (sal, False))
+    if "alpha_in" in arrays and not (split and not groups):
+      rules["alpha_in"] = (lambda a, s: _alpha_in_read(a["salient_rows"], s[1], split), 1.0)
     return rules
 
   def planes(self, *, one_lhs: bool = False) -> list[base.PlaneSource] | None:
@@ -101,9 +128,9 @@ class SalientSplitParts(base.Parts):
     `one_lhs`: one row-scale set per plane, which unpacks each sign once per product:
     B1 (α_in0, all rows) -> α_out2, B1 over the salient rows -> α_out0 - α_out2, B2 as above
     (1.25·K rows instead of 2.125·K, for 11% more bits: the salient rows' B1 twice).
-    The split's per-weight bitmap and BiLLM's offsets are not covered (None).
+    The per-weight group bitmap and BiLLM's offsets are not covered (None).
     """
-    if self.mode != "rc" or self.split:
+    if self.mode != "rc" or self.group_hi is not None:
       return None
     n_in = self.shape[0]
     sal = np.asarray(self.salient_rows, bool)
@@ -125,24 +152,30 @@ class SalientSplitParts(base.Parts):
     """(first scale, first offset, second scale, second offset), each `[in, out]`."""
     group, rc = meta["group"], meta["mode"] == "rc"
     a_out = scales["alpha_out"]                                   # [G, C, out]
+    split, groups = _layout(scales)
+    n_comp = a_out.shape[1]
     sal = base.blocks_of(masks["salient_rows"], group)[..., None]  # [G, group, 1]
     hi = base.blocks_of(masks["group_hi"], group) if "group_hi" in masks else None
     if rc:
-      a_in = base.blocks_of(scales["alpha_in"], group)             # [G, group, 2]
+      a_in = base.blocks_of(scales["alpha_in"], group)             # [G, group, S]
       scale = lambda slot, c: a_in[..., slot:slot + 1] * a_out[:, None, c, :]
     else:
       scale = lambda slot, c: jnp.broadcast_to(a_out[:, None, c, :], sal.shape[:2] + a_out.shape[-1:])
     rest = scale(0, 2)
-    if hi is not None:
+    if split:
       rest = jnp.where(hi, scale(1, 3), rest)
-    first = jnp.where(sal, scale(0, 0), rest)
-    second = jnp.where(sal, scale(1, 1), 0.0)
+    first_sal, second_sal = scale(0, 0), scale(1, 1)
+    if groups:
+      first_sal = jnp.where(hi, scale(2, n_comp - 2), first_sal)
+      second_sal = jnp.where(hi, scale(3, n_comp - 1), second_sal)
+    first = jnp.where(sal, first_sal, rest)
+    second = jnp.where(sal, second_sal, 0.0)
     crop = lambda t: base.rows_of(t, n_in)
     if rc:
       return crop(first), 0.0, crop(second), 0.0
     mu = scales["mu"]
     off = lambda c: jnp.broadcast_to(mu[:, None, c, :], first.shape)
-    off_rest = off(2) if hi is None else jnp.where(hi, off(3), off(2))
+    off_rest = off(2) if not split else jnp.where(hi, off(3), off(2))
     return crop(first), crop(jnp.where(sal, off(0), off_rest)), crop(second), crop(jnp.where(sal, off(1), 0.0))
 
   def qat_init(self) -> base.QatState:
@@ -150,7 +183,7 @@ class SalientSplitParts(base.Parts):
     scales.update({"alpha_in": np.asarray(self.alpha_in, np.float32)} if self.mode == "rc"
                   else {"mu": np.asarray(self.mu, np.float32)})
     masks = {"salient_rows": np.asarray(self.salient_rows, bool)}
-    if self.split:
+    if self.group_hi is not None:
       masks["group_hi"] = np.asarray(self.group_hi, bool)
     first, _, second, _ = self._terms(self.meta(), {k: jnp.asarray(v) for k, v in scales.items()},
                                       {k: jnp.asarray(v) for k, v in masks.items()}, self.shape[0])
@@ -169,9 +202,9 @@ class SalientSplitParts(base.Parts):
     s1 = jnp.where(w >= 0, 1.0, -1.0)
     sal = np.asarray(masks["salient_rows"], bool)
     stored = {k: base.bf16(v) for k, v in scales.items()}
-    if "alpha_in" in stored and "group_hi" not in masks:  # the layout's fill: slot 1 unused off the salient rows
-      a_in = np.asarray(scales["alpha_in"], np.float32).copy()
-      a_in[~sal, 1] = 1.0
+    if "alpha_in" in stored:  # the layout's fill (1.0) where it reads no alpha_in
+      a_in = np.asarray(scales["alpha_in"], np.float32)
+      a_in = np.where(_alpha_in_read(sal, a_in.shape[1], _layout(scales)[0]), a_in, 1.0)
       stored["alpha_in"] = base.bf16(a_in)
     # the residual sign against the first-order term built from the stored (rounded) scales
     first, _, _, _ = cls._terms(meta, {k: jnp.asarray(v, jnp.float32) for k, v in stored.items()},
@@ -184,26 +217,34 @@ class SalientSplitParts(base.Parts):
 # --- the GPTQ loop ------------------------------------------------------------------------------
 
 @functools.partial(jax.jit, static_argnames=("block_size", "n_salient", "iters", "mode", "split",
-                                             "group_size", "refine"))
-def _salient_split_ptq(kernel, h, weight, *, block_size, n_salient, iters, mode, split, group_size, refine):
+                                             "group_size", "refine", "salient_groups", "budget"))
+def _salient_split_ptq(kernel, h, weight, *, block_size, n_salient, iters, mode, split, group_size, refine,
+                       salient_groups, budget):
   u = gptq_core.hessian_inverse_cholesky(h)
   if group_size is not None:
-    def prepare(w_grp, d, valid, weight_grp):
-      return binarize_core.structured_prepare(w_grp, weight_grp, d, valid, n_salient=n_salient,
-                                              iters=iters)
+    # Each group's salient-row count: fixed, or its share of the layer-wide budget (the rows
+    # a residual plane helps most, judged on the uncompensated kernel; which rows of the
+    # group get them is decided on the compensated weights when GPTQ reaches the group).
+    share = (jnp.ones((kernel.shape[0],), bool) if budget is None else binarize_core.allocate_salient_rows(
+        kernel, weight, jnp.diag(u), jnp.ones((kernel.shape[0],), bool), budget))
 
-    def structured_block(w_blk, d, valid, weight_blk, *, state, offset):
+    def prepare(w_grp, d, valid, weight_grp, share_grp):
+      count = n_salient if budget is None else jnp.sum(share_grp)
+      return binarize_core.structured_prepare(w_grp, weight_grp, d, valid, n_salient=count, iters=iters)
+
+    def structured_block(w_blk, d, valid, weight_blk, share_blk, *, state, offset):
       return binarize_core.structured_block(w_blk, weight_blk, d, valid, state=state,
                                             offset=offset)
 
     _, parts, state = gptq_core.gptq_quantize(
-        kernel, u, structured_block, block_size=block_size, aux=(weight,),
+        kernel, u, structured_block, block_size=block_size, aux=(weight, share),
         group_size=group_size, prepare_group=prepare)
     return dict(parts, alpha_out=state["alpha_out"])
 
   def quantize_block(w_blk, d, valid, weight_blk):
     return binarize_core.salient_split_block(
-        w_blk, weight_blk, d, valid, n_salient=n_salient, iters=iters, mode=mode, split=split, refine=refine)
+        w_blk, weight_blk, d, valid, n_salient=n_salient, iters=iters, mode=mode, split=split, refine=refine,
+        salient_groups=salient_groups)
 
   _, parts, _ = gptq_core.gptq_quantize(kernel, u, quantize_block, block_size=block_size,
                                         aux=(weight,))
@@ -228,7 +269,8 @@ def salient_count(salient_rows: float | str, group: int, *, structured: bool) ->
 
 def salient_split_ptq(kernel: jax.Array, h: jax.Array, weight: jax.Array, *, block_size: int,
                       salient_rows: float | str, iters: int, mode: str, split: bool,
-                      scale_block: int | None = None, refine: int = 0
+                      scale_block: int | None = None, refine: int = 0, salient_groups: bool = False,
+                      salient_budget: str = "group"
                       ) -> tuple[jax.Array, SalientSplitParts, bits_core.BitCount]:
   """GPTQ loop around the salient-row block quantizers of `binarize_core`.
 
@@ -248,6 +290,11 @@ def salient_split_ptq(kernel: jax.Array, h: jax.Array, weight: jax.Array, *, blo
     scale_block: structured mode (mode "rc", no split): salient rows and alpha_out are
       chosen per `scale_block` inputs (a multiple of `block_size`), alpha_in per row.
     refine: joint refinement sweeps of the salient rows' planes ("rc" mode, not structured).
+    salient_groups: split the salient rows' entries into two groups with their own scales
+      (ARB-LLM's `--order2_group`; "rc" mode, not structured).
+    salient_budget: structured mode: "group", the same salient-row count in every scale
+      group, or "layer", the same total allocated across the groups by
+      `binarize_core.allocate_salient_rows` (the rows a residual plane helps most).
     Sizes above the layer's are clamped (`base.effective_blocks`).
 
   Returns:
@@ -260,14 +307,22 @@ def salient_split_ptq(kernel: jax.Array, h: jax.Array, weight: jax.Array, *, blo
   n_salient = salient_count(salient_rows, group, structured=scale_block is not None)
   if refine and (mode != "rc" or scale_block is not None):
     raise ValueError("refine (joint 2nd-order refinement) is for ARB-RC's unstructured layout (mode 'rc')")
+  if salient_groups and (mode != "rc" or scale_block is not None):
+    raise ValueError("salient_groups is for ARB-RC's unstructured layout (mode 'rc')")
+  if salient_budget not in ("group", "layer"):
+    raise ValueError(f"salient_budget={salient_budget!r}: 'group' or 'layer'")
+  budget = None
+  if salient_budget == "layer" and scale_block is not None:
+    budget = sum(min(n_salient, r) for r in bits_core.block_rows(n_in, group))  # the fixed layout's total
   arrays = _salient_split_ptq(kernel, h, weight, block_size=block_size, n_salient=n_salient,
                               iters=iters, mode=mode, split=split,
-                              group_size=None if scale_block is None else group, refine=refine)
+                              group_size=None if scale_block is None else group, refine=refine,
+                              salient_groups=salient_groups, budget=budget)
   parts = SalientSplitParts(**base.crop_rows(arrays, n_in, _ROW_PARTS), group=group, mode=mode)
   w_hat = base.dequantize(parts)
   rows = bits_core.block_rows(n_in, group)
   sal = jax.device_get(parts.salient_rows)
   per_block = [int(sal[i * group:i * group + r].sum()) for i, r in enumerate(rows)]
   bits = bits_core.salient_split_bits(n_in, n_out, block_rows=rows, salient_per_block=per_block,
-                                      mode=mode, split=split)
+                                      mode=mode, split=split, salient_groups=salient_groups)
   return w_hat, parts, bits

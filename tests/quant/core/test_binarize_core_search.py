@@ -132,3 +132,81 @@ def test_bad_salient_rows_and_refine_are_refused():
   with pytest.raises(ValueError, match="refine"):  # BiLLM's mean-offset layout has no joint refinement
     salient_split.salient_split_ptq(w, stats.h, jnp.ones_like(w), block_size=128, salient_rows=0.1, iters=0,
                                     mode="mean_offset", split=True, refine=3)
+
+
+@pytest.mark.slow
+def test_salient_groups_split_the_salient_rows_and_lower_the_error():
+  """ARB-LLM's `--order2_group`: the salient rows' entries in two groups by saliency, each
+  with its own planes' scales. On the heavy-tailed layer the error drops, the bitmap marks
+  a minority of each salient row's entries, the other rows keep their split, and the bits
+  follow the formula."""
+  w, stats, _ = _layer(1)
+  one, two = providers.ArbRc()(w, stats), providers.ArbRc(salient_groups=True)(w, stats)
+  assert float(two.error["output_rel"]) < 0.97 * float(one.error["output_rel"])
+  p = two.parts.map(np.asarray)
+  sal = p.salient_rows
+  # the first block sees the same weights either way (later ones are compensated differently):
+  # the same searched rows and the same split of the other rows
+  first = slice(0, 128)
+  np.testing.assert_array_equal(sal[first], np.asarray(one.parts.salient_rows)[first])
+  rest = ~sal[first]
+  np.testing.assert_array_equal(p.group_hi[first][rest], np.asarray(one.parts.group_hi)[first][rest])
+  frac = p.group_hi[sal].mean()
+  assert 0.05 < frac < 0.6, frac
+  assert p.alpha_in.shape == (w.shape[0], 4) and p.alpha_out.shape == (3, 6, w.shape[1])
+  assert np.all(p.alpha_in[~sal, 2:].astype(np.float32) == 1.0)
+  counts = [int(sal[i:i + 128].sum()) for i in range(0, len(sal), 128)]
+  bits = bits_core.salient_split_bits(*w.shape, block_rows=[128] * 3, salient_per_block=counts, mode="rc",
+                                      split=True, salient_groups=True)
+  assert two.stored_bits == bits.stored_bits
+  assert two.stored_bits - one.stored_bits == bits.stored_bits - bits_core.salient_split_bits(
+      *w.shape, block_rows=[128] * 3, salient_per_block=counts, mode="rc", split=True).stored_bits
+
+
+def test_salient_groups_are_refused_where_the_layout_has_no_room():
+  w, stats, _ = _layer(2, 128, 16)
+  for kw in (dict(mode="mean_offset", split=True), dict(mode="rc", split=False, scale_block=128)):
+    with pytest.raises(ValueError, match="salient_groups"):
+      salient_split.salient_split_ptq(w, stats.h, jnp.ones_like(w), block_size=128, salient_rows=0.1, iters=0,
+                                      salient_groups=True, **kw)
+
+
+def test_residual_plane_gain_is_the_per_row_error_drop():
+  rng = np.random.default_rng(3)
+  w, v, d = rng.standard_t(3, (6, 40)), rng.uniform(0.5, 2, (6, 40)), rng.uniform(0.5, 1.5, 6)
+
+  def err_after(x):
+    a = (v * np.abs(x)).sum(1, keepdims=True) / v.sum(1, keepdims=True)
+    r = x - a * np.where(x >= 0, 1.0, -1.0)
+    return r, (v * r * r).sum(1)
+
+  r1, e1 = err_after(w)
+  _, e2 = err_after(r1)
+  got = binarize_core.residual_plane_gain(jnp.asarray(w, jnp.float32), jnp.asarray(v, jnp.float32),
+                                          jnp.asarray(d, jnp.float32))
+  np.testing.assert_allclose(np.asarray(got), (e1 - e2) / d ** 2, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_layer_budget_moves_the_fixed_total_to_where_it_helps():
+  """Structured layout, 4 scale blocks of 256 inputs, heavy rows all in the first: the
+  layer-wide budget keeps the fixed total (20 per block) but gives the first block more,
+  and lowers the error; the bits follow the counts."""
+  rng = np.random.default_rng(4)
+  n_in, n_out = 1024, 64
+  w = (rng.standard_t(3, (n_in, n_out)) * 0.02).astype(np.float32)
+  w[rng.choice(256, 48, replace=False)] *= 6
+  x = rng.standard_normal((1500, n_in)).astype(np.float32)
+  h = jnp.asarray(2 / len(x) * x.T @ x)
+  stats = base.LayerStats(h, jnp.zeros_like(h), len(x), 0)
+  fixed = providers.ArbRc(structured=True, scale_block=256)(jnp.asarray(w), stats)
+  spread = providers.ArbRc(structured=True, scale_block=256, salient_budget="layer")(jnp.asarray(w), stats)
+  count = lambda b: [int(np.asarray(b.parts.salient_rows)[i:i + 256].sum()) for i in range(0, n_in, 256)]
+  assert count(fixed) == [20] * 4
+  assert sum(count(spread)) == 80 and count(spread)[0] > 20, count(spread)
+  assert float(spread.error["output_rel"]) < float(fixed.error["output_rel"])
+  bits = bits_core.salient_split_bits(n_in, n_out, block_rows=[256] * 4, salient_per_block=count(spread),
+                                      mode="rc", split=False)
+  assert spread.stored_bits == bits.stored_bits
+  with pytest.raises(ValueError, match="salient_budget"):
+    providers.ArbRc(structured=True, salient_budget="model")(jnp.asarray(w), stats)

@@ -51,6 +51,19 @@ def test_salient_split(mode, split, extra):
   assert c.nominal_bits == pytest.approx(1 + 3 / 20)
 
 
+@pytest.mark.parametrize("split,extra", [
+    # bitmap 20·6 = 120, alpha_out 3·6·6·16 = 1728, alpha_in (2·20 + 2·3)·16 = 736
+    (True, 120 + 1728 + 736),
+    # bitmap on the salient rows 3·6 = 18, alpha_out 3·5·6·16 = 1440, alpha_in (20 + 3 + 2·3)·16 = 464
+    (False, 18 + 1440 + 464),
+])
+def test_salient_groups(split, extra):
+  c = bits.salient_split_bits(20, 6, block_rows=[8, 8, 4], salient_per_block=[1, 1, 1],
+                              mode="rc", split=split, salient_groups=True)
+  assert c.stored_bits == _COMMON + extra
+  assert c.nominal_bits == pytest.approx(1 + 3 / 20)
+
+
 @pytest.mark.parametrize("n_in,n_out", [(4096, 11008), (11008, 4096)])
 def test_structured_sab_stores_at_most_1_2_bits(n_in, n_out):
   """The default structured SAB layout (512-input blocks, 41 salient rows) on 7B shapes."""
