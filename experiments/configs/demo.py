@@ -111,6 +111,8 @@ def get_config(arg=None):
       "sab_top10": {"method": "sab", "salient_top_p": 0.10},
       # Partition rule: a stricter modality-gap quantile for "single-modality" weights.
       "sab_gap_q90": {"method": "sab", "diff_quantile": 0.9},
+      # One salient group per block (the layout before ARB-LLM's `--order2_group` split).
+      "sab_one_group": {"method": "sab", "salient_groups": False},
   })
   # (regex over Dense module paths, binarize?) - first match wins; decoder linears only.
   c.quant.rules = ((r"language_model\.layers\..*", True), (r".*", False))

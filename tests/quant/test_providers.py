@@ -117,14 +117,15 @@ def test_bits_match_the_formulas():
   for name, mode in [("billm", "mean_offset"), ("arb_rc", "rc"), ("sab", "rc")]:
     b = _run(name, salient_rows=0.08)  # a fixed fraction: round(0.08 · 128) = 10 rows per block
     assert int(b.parts.salient_rows.sum()) == 2 * 10
+    groups = mode == "rc"  # ARB-RC / SAB: two salient groups by default
     c = bits_core.salient_split_bits(N_IN, N_OUT, block_rows=rows, salient_per_block=[10, 10],
-                                     mode=mode, split=True)
+                                     mode=mode, split=True, salient_groups=groups)
     assert (b.stored_bits, b.nominal_bits) == (c.stored_bits, c.nominal_bits)
     b = _run(name)  # searched: whatever each block picked, counted the same way
     sal = np.asarray(b.parts.salient_rows)
     per_block = [int(sal[:128].sum()), int(sal[128:].sum())]
     c = bits_core.salient_split_bits(N_IN, N_OUT, block_rows=rows, salient_per_block=per_block,
-                                     mode=mode, split=True)
+                                     mode=mode, split=True, salient_groups=groups)
     assert (b.stored_bits, b.nominal_bits) == (c.stored_bits, c.nominal_bits)
 
 
@@ -133,9 +134,14 @@ def test_structured_sab():
   far better than XNOR."""
   b = _run("sab", structured=True, scale_block=128)
   assert b.parts.group_hi is None and b.parts.alpha_out.shape == (2, 3, N_OUT)
-  c = bits_core.salient_split_bits(N_IN, N_OUT, block_rows=[128, 128], salient_per_block=[10, 10],
+  sal = np.asarray(b.parts.salient_rows)
+  per_block = [int(sal[:128].sum()), int(sal[128:].sum())]
+  assert sum(per_block) == 2 * 10  # the layer-wide budget: 10 per block in total, spread by need
+  c = bits_core.salient_split_bits(N_IN, N_OUT, block_rows=[128, 128], salient_per_block=per_block,
                                    mode="rc", split=False)
   assert b.stored_bits == c.stored_bits
+  fixed = _run("sab", structured=True, scale_block=128, salient_budget="group")
+  assert [int(np.asarray(fixed.parts.salient_rows)[i:i + 128].sum()) for i in (0, 128)] == [10, 10]
   np.testing.assert_array_equal(base.dequantize(b.parts), b.w_hat)
   assert _rel("sab", structured=True, scale_block=128) < 0.9 * _rel("xnor")
 

@@ -23,7 +23,10 @@ Structured mode (`structured=True`), a layout that really stores ≤ 1.2 bits/we
     inputs and fitted (Λ-weighted ARB-RC) when GPTQ reaches that group, as GPTQ's
     `groupsize`; GPTQ still compensates every `block_size` inputs, and each row's
     alpha_in is the exact minimiser given alpha_out on the compensated weights;
-  * the salient-row budget is `round(salient_rows · scale_block)` per group.
+  * the salient-row budget is `round(salient_rows · scale_block)` per group
+    (`salient_budget="group"`) or, by default, that total spread over the layer's groups
+    where a residual plane lowers the error most (`salient_budget="layer"`: the same bits,
+    8–26% less layer error on 7B shapes, RESULTS.md).
   Stored bits/weight ≈ 1 (signs) + f_sal (residual plane) + 3·16/scale_block (alpha_out)
   + 16·(1 + f_sal)/out (alpha_in) + salient-row positions; with scale_block 512
   (41 salient rows per group): 1.175 on 4096×11008 and 1.182 on 11008×4096.

@@ -107,20 +107,21 @@ def test_searched_counts_vary_by_block_and_bits_follow_them():
     counts = [int(sal[i:i + 128].sum()) for i in range(0, len(sal), 128)]
     assert all(1 <= c <= binarize_core.SEARCH_MAX_ROWS for c in counts) and len(set(counts)) > 1, counts
     bits = bits_core.salient_split_bits(*w.shape, block_rows=[128] * 3, salient_per_block=counts,
-                                        mode=b.parts.mode, split=True)
+                                        mode=b.parts.mode, split=True, salient_groups=b.parts.salient_groups)
     assert b.stored_bits == bits.stored_bits
 
 
 @pytest.mark.slow
 def test_search_and_refinement_lower_the_layer_output_error():
-  """On a heavy-tailed layer with outlier inputs: ARB-RC with the search and refinement beats
-  the fixed 8% of rows with the plain residual fit, and each ingredient helps on its own."""
+  """On a heavy-tailed layer with outlier inputs: ARB-RC (one salient group) with the search
+  and refinement beats the fixed 8% of rows with the plain residual fit, and each ingredient
+  helps on its own."""
   w, stats, x = _layer(1)
   err = lambda p: float(p(w, stats).error["output_rel"])
-  old = err(providers.ArbRc(salient_rows=0.08, refine_iters=0))
-  searched = err(providers.ArbRc(refine_iters=0))
-  refined = err(providers.ArbRc(salient_rows=0.08))
-  both = err(providers.ArbRc())
+  old = err(providers.ArbRc(salient_rows=0.08, refine_iters=0, salient_groups=False))
+  searched = err(providers.ArbRc(refine_iters=0, salient_groups=False))
+  refined = err(providers.ArbRc(salient_rows=0.08, salient_groups=False))
+  both = err(providers.ArbRc(salient_groups=False))
   assert both < refined < old and both < searched < old, (old, searched, refined, both)
   assert err(providers.BiLLM()) < err(providers.BiLLM(salient_rows=0.08))
 
@@ -141,7 +142,7 @@ def test_salient_groups_split_the_salient_rows_and_lower_the_error():
   a minority of each salient row's entries, the other rows keep their split, and the bits
   follow the formula."""
   w, stats, _ = _layer(1)
-  one, two = providers.ArbRc()(w, stats), providers.ArbRc(salient_groups=True)(w, stats)
+  one, two = providers.ArbRc(salient_groups=False)(w, stats), providers.ArbRc()(w, stats)
   assert float(two.error["output_rel"]) < 0.97 * float(one.error["output_rel"])
   p = two.parts.map(np.asarray)
   sal = p.salient_rows
@@ -199,8 +200,8 @@ def test_layer_budget_moves_the_fixed_total_to_where_it_helps():
   x = rng.standard_normal((1500, n_in)).astype(np.float32)
   h = jnp.asarray(2 / len(x) * x.T @ x)
   stats = base.LayerStats(h, jnp.zeros_like(h), len(x), 0)
-  fixed = providers.ArbRc(structured=True, scale_block=256)(jnp.asarray(w), stats)
-  spread = providers.ArbRc(structured=True, scale_block=256, salient_budget="layer")(jnp.asarray(w), stats)
+  fixed = providers.ArbRc(structured=True, scale_block=256, salient_budget="group")(jnp.asarray(w), stats)
+  spread = providers.ArbRc(structured=True, scale_block=256)(jnp.asarray(w), stats)  # "layer", the default
   count = lambda b: [int(np.asarray(b.parts.salient_rows)[i:i + 256].sum()) for i in range(0, n_in, 256)]
   assert count(fixed) == [20] * 4
   assert sum(count(spread)) == 80 and count(spread)[0] > 20, count(spread)
