@@ -1,6 +1,13 @@
 """Test-wide setup: 8 simulated CPU devices for the multi-device tests (must precede importing jax,
-and runs again in every pytest-xdist worker), the synthetic VQA dataset built once per session,
-and the `serial` marker: such a test runs while no other xdist worker runs one.
+and runs again in every pytest-xdist worker), one JAX compilation cache for the session, the
+synthetic VQA dataset built once per session, and the `serial` marker: such a test runs while
+no other xdist worker runs one.
+
+The compilation cache (`JAX_COMPILATION_CACHE_DIR`, a fresh temporary directory per run unless
+it is set already, removed at the end) is shared by the xdist workers and by the pipelines
+the CLI tests start as subprocesses, which compile the same programs again and again: XLA
+compiles each once per run instead (on 2 cores most of the end-to-end tests' time was
+compilation). What runs is unchanged: a cached executable is the one XLA would compile.
 
 Parallel runs: setup.cfg's `addopts` give `--numprocesses=auto --maxprocesses=4 --dist=loadgroup`; `-n 0`
 runs everything in this process, and so does `-p no:xdist` (setup.cfg's xdist options are
@@ -11,12 +18,18 @@ import contextlib
 import fcntl
 import os
 import pathlib
+import shutil
 import sys
+import tempfile
 
 import pytest
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Set before jax is imported, here and (inherited) in every worker and subprocess.
+_OWN_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ
+if _OWN_CACHE:
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="sab_jax_tests_xla_cache_")
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # `import experiments...`
 
@@ -32,6 +45,13 @@ def pytest_addoption(parser, pluginmanager):
 def pytest_configure(config):
   if not config.pluginmanager.has_plugin("xdist"):
     config.addinivalue_line("markers", "xdist_group(name): tests that share one xdist worker (no-op here)")
+  if "jax" in sys.modules:  # imported before this file set the variable (e.g. by a plugin)
+    sys.modules["jax"].config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+
+
+def pytest_unconfigure(config):
+  if _OWN_CACHE and not hasattr(config, "workerinput"):  # the process that made it, after the workers
+    shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
 
 # The longest tests start first (in this order), so that no xdist worker is left running one
