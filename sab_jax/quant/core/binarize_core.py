@@ -315,8 +315,7 @@ def search_salient_count(w: jax.Array, weight: jax.Array, hinv_diag: jax.Array, 
     (count, per-candidate errors `[max_rows]`, inf where skipped).
   """
   score, t = _row_scores(w.astype(jnp.float32), weight.astype(jnp.float32), hinv_diag)
-  score = jnp.where(valid, score, -jnp.inf)
-  rank = jnp.argsort(jnp.argsort(-score))  # 0 = most salient; ties: lower row first (as top_k)
+  rank = _descending_rank(score, valid)
   t = jnp.where(valid[:, None], t, 0.0)
   n_valid = jnp.sum(valid)
   full = jnp.broadcast_to(valid[:, None], t.shape)
@@ -451,11 +450,15 @@ def _row_scores(w, weight, hinv_diag):
   return jnp.sum(t, axis=1), t
 
 
+def _descending_rank(score, valid):
+  """Each row's rank by `score`, 0 = largest; invalid rows last, ties: lower row first (as top_k)."""
+  return jnp.argsort(jnp.argsort(-jnp.where(valid, score, -jnp.inf)))
+
+
 def _top_rows(w, weight, hinv_diag, valid, n):
   """The `n` (static, or a traced count) valid rows of largest saliency; ties: lower row."""
   score, _ = _row_scores(w, weight, hinv_diag)
-  rank = jnp.argsort(jnp.argsort(-jnp.where(valid, score, -jnp.inf)))
-  return (rank < n) & valid
+  return (_descending_rank(score, valid) < n) & valid
 
 
 def residual_plane_gain(w: jax.Array, weight: jax.Array, hinv_diag: jax.Array) -> jax.Array:
@@ -483,9 +486,7 @@ def residual_plane_gain(w: jax.Array, weight: jax.Array, hinv_diag: jax.Array) -
 def allocate_salient_rows(w: jax.Array, weight: jax.Array, hinv_diag: jax.Array, valid: jax.Array,
                           budget: int) -> jax.Array:
   """`[rows]` bool: the layer-wide `budget` (static) rows of largest `residual_plane_gain`."""
-  gain = jnp.where(valid, residual_plane_gain(w, weight, hinv_diag), -jnp.inf)
-  rank = jnp.argsort(jnp.argsort(-gain))
-  return (rank < budget) & valid
+  return (_descending_rank(residual_plane_gain(w, weight, hinv_diag), valid) < budget) & valid
 
 
 def compose_salient_split(parts: dict[str, jax.Array], mode: str) -> jax.Array:
@@ -554,13 +555,9 @@ def salient_split_block(w: jax.Array, weight: jax.Array, hinv_diag: jax.Array,
     raise ValueError("salient_groups needs mode 'rc' (ARB-RC's order-2 groups)")
   w = w.astype(jnp.float32)
   weight = weight.astype(jnp.float32)
-  score, _ = _row_scores(w, weight, hinv_diag)
   if n_salient is None:
-    count, _ = search_salient_count(w, weight, hinv_diag, valid, min(SEARCH_MAX_ROWS, w.shape[0]))
-    rank = jnp.argsort(jnp.argsort(-jnp.where(valid, score, -jnp.inf)))
-    sal = (rank < count) & valid
-  else:
-    sal = _top_rows(w, weight, hinv_diag, valid, n_salient)
+    n_salient, _ = search_salient_count(w, weight, hinv_diag, valid, min(SEARCH_MAX_ROWS, w.shape[0]))
+  sal = _top_rows(w, weight, hinv_diag, valid, n_salient)
   m_sal = jnp.broadcast_to(sal[:, None], w.shape)
   m_rest = jnp.broadcast_to((valid & ~sal)[:, None], w.shape)
   if split:

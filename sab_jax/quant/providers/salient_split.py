@@ -89,7 +89,7 @@ class SalientSplitParts(base.Parts):
       raise ValueError(f"unknown mode {self.mode!r}; one of {MODES}")
     if self.mode == "mean_offset" and self.alpha_in is not None:
       raise ValueError("mode 'mean_offset' has no alpha_in")
-    split, groups = self.split, self.salient_groups
+    split, groups = _layout(self.arrays())
     c = 3 + split + 2 * groups
     out = {"signs": ((n_in, n_out), np.bool_), "residual_signs": ((n_in, n_out), np.bool_),
            "salient_rows": ((n_in,), np.bool_), "alpha_out": ((g, c, n_out), jnp.bfloat16)}
