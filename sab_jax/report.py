@@ -1,11 +1,13 @@
 """Turn one or more `results.json` files into a markdown table and an accuracy-vs-size plot.
 
-Reads only the JSON the pipeline writes (no jax), so it runs anywhere matplotlib does:
+Every pipeline run ends with it (`stages.run` writes `WORKDIR/report.md` and
+`WORKDIR/report.png` and prints the table); to compare runs:
 
-  python experiments/report.py WORKDIR/results.json [MORE.json ...] --out WORKDIR/report [--title T]
+  python -m sab_jax.report WORKDIR/results.json [MORE.json ...] --out OUT [--title T]
 
 writes `OUT/report.md` (also printed) and `OUT/report.png` (accuracy vs stored bits per
-weight and vs model size). Optional fields a run lacks print as "–".
+weight and vs model size). Reads only the JSON the pipeline writes (no jax). Optional
+fields a run lacks print as "–".
 """
 
 from __future__ import annotations
@@ -18,11 +20,10 @@ import sys
 from typing import Any, Sequence
 
 import matplotlib
-
-matplotlib.use("Agg")  # headless: CI and the device machines have no display
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib import ticker  # noqa: E402
-from matplotlib.transforms import Bbox  # noqa: E402
+from matplotlib import ticker
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.transforms import Bbox
 
 MISSING = "–"
 DEFAULT_TITLE = "Binarized model quality"
@@ -40,6 +41,16 @@ def _source_names(paths: Sequence[str]) -> list[str]:
   return names
 
 
+def _check(path: str, data: Any) -> None:
+  if not isinstance(data, dict) or not isinstance(data.get("methods"), dict):
+    sys.exit(f"report: {path}: no \"methods\" dict; is this a results.json written by sab_jax.main?")
+  for section in ("methods", "variants"):
+    entries = data.get(section) or {}
+    bad = [k for k, v in entries.items() if not isinstance(v, dict)] if isinstance(entries, dict) else [section]
+    if bad:
+      sys.exit(f"report: {path}: {section} entries must be objects, got {bad}")
+
+
 def load_results(paths: Sequence[str]) -> list[dict[str, Any]]:
   """Reads every file; exits with a message naming the file if one is missing or malformed."""
   runs = []
@@ -51,13 +62,7 @@ def load_results(paths: Sequence[str]) -> list[dict[str, Any]]:
         data = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
       sys.exit(f"report: {path}: not valid JSON ({e})")
-    if not isinstance(data, dict) or not isinstance(data.get("methods"), dict):
-      sys.exit(f"report: {path}: no \"methods\" dict; is this a results.json written by sab_jax.main?")
-    for section in ("methods", "variants"):
-      entries = data.get(section) or {}
-      bad = [k for k, v in entries.items() if not isinstance(v, dict)] if isinstance(entries, dict) else [section]
-      if bad:
-        sys.exit(f"report: {path}: {section} entries must be objects, got {bad}")
+    _check(path, data)
     runs.append({"source": name, "path": path, "results": data})
   return runs
 
@@ -97,20 +102,30 @@ def _cell(s: str) -> str:
   return s.replace("|", "\\|")
 
 
+def _fp_accuracy(run: dict[str, Any]) -> float | None:
+  fp = run["results"]["methods"].get("fp")
+  return _num(fp.get("accuracy")) if fp else None
+
+
 def markdown_table(runs: Sequence[dict[str, Any]]) -> str:
-  """The table: accuracy and per-type accuracy in %, stored/nominal bits per weight, model MB."""
+  """The table: accuracy, its difference to the run's FP model (points) and per-type accuracy
+  in %, stored/nominal bits per weight, model MB."""
   rs = rows(runs)
+  fp = {run["source"]: _fp_accuracy(run) for run in runs}
   types = sorted({t for r in rs for t in (r["entry"].get("per_type") or {})})
   formula = any("formula_bits_per_weight" in r["entry"] for r in rs)  # columns only once some run has them
   export = any("export_dir" in r["entry"] for r in rs)
-  head = ["run", "method", "accuracy %"] + [f"{t} %" for t in types] + ["stored bits/w"]
+  head = ["run", "method", "accuracy %", "Δ fp"] + [f"{t} %" for t in types] + ["stored bits/w"]
   head += ["formula bits/w"] * formula + ["nominal bits", "model MB"] + ["export"] * export
-  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  table = []
   for r in rs:
     e, per = r["entry"], r["entry"].get("per_type") or {}
     mb = _num(e.get("model_bytes"))
+    base = fp[r["source"]]
+    delta = None if r["accuracy"] is None or base is None or (r["name"] == "fp" and not r["variant"]) \
+        else 100 * (r["accuracy"] - base)
     cells = [r["source"], r["name"] + (" (variant)" if r["variant"] else ""),
-             _fmt(None if r["accuracy"] is None else 100 * r["accuracy"], ".2f")]
+             _fmt(None if r["accuracy"] is None else 100 * r["accuracy"], ".2f"), _fmt(delta, "+.2f")]
     cells += [_fmt(None if _type_accuracy(per.get(t)) is None else 100 * _type_accuracy(per.get(t)), ".1f")
               for t in types]
     cells.append(_fmt(_num(e.get("bits_per_weight")), ".3f"))
@@ -119,8 +134,11 @@ def markdown_table(runs: Sequence[dict[str, Any]]) -> str:
     cells += [_fmt(_num(e.get("nominal_bits")), ".3f"), _fmt(None if mb is None else mb / 1e6, ".3f")]
     if export:
       cells.append(str(e["export_dir"]) if e.get("export_dir") else MISSING)
-    lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
-  return "\n".join(lines)
+    table.append([_cell(c) for c in cells])
+  # Columns padded to one width, so that the table also reads as a table in a terminal.
+  widths = [max(len(row[i]) for row in [head] + table) for i in range(len(head))]
+  line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"
+  return "\n".join([line(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in table])
 
 
 def markdown_report(runs: Sequence[dict[str, Any]], title: str = DEFAULT_TITLE) -> str:
@@ -178,9 +196,11 @@ def _annotate(ax, points: list[tuple[float, float, str, str]]) -> None:
 
 def plot(runs: Sequence[dict[str, Any]], path: str, title: str = DEFAULT_TITLE) -> None:
   """Accuracy vs stored bits per weight and vs model MB; one point per method, baselines dashed."""
-  fig, axes = plt.subplots(1, 2, figsize=(13, 5.5))
+  fig = Figure(figsize=(13, 5.5))  # no pyplot: no global state, no display needed
+  FigureCanvasAgg(fig)
+  axes = fig.subplots(1, 2)
   panels = [("bits_per_weight", 1.0, "stored bits per weight"), ("model_bytes", 1e6, "model size (MB)")]
-  colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+  colors = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
   rs = rows(runs)
   many = len(runs) > 1
   labels = []
@@ -219,7 +239,24 @@ def plot(runs: Sequence[dict[str, Any]], path: str, title: str = DEFAULT_TITLE) 
     _annotate(ax, points)
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   fig.savefig(path, dpi=120)
-  plt.close(fig)
+
+
+def write(runs: Sequence[dict[str, Any]], out: str, title: str = DEFAULT_TITLE) -> str:
+  """Writes OUT/report.md and OUT/report.png; returns the markdown."""
+  os.makedirs(out, exist_ok=True)
+  report = markdown_report(runs, title)
+  with open(os.path.join(out, "report.md"), "w") as f:
+    f.write(report)
+  plot(runs, os.path.join(out, "report.png"), title)
+  return report
+
+
+def for_run(results: dict[str, Any], workdir: str, title: str = DEFAULT_TITLE) -> str:
+  """The end of a pipeline run: WORKDIR/report.md and report.png of its results; returns the markdown."""
+  path = os.path.join(workdir, "results.json")
+  _check(path, results)
+  return write([{"source": os.path.basename(os.path.normpath(workdir)) or workdir, "path": path,
+                 "results": results}], workdir, title)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -228,12 +265,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--out", required=True, help="directory for report.md and report.png")
   parser.add_argument("--title", default=DEFAULT_TITLE, help="heading of report.md and the figure")
   args = parser.parse_args(argv)
-  runs = load_results(args.results)
-  os.makedirs(args.out, exist_ok=True)
-  report = markdown_report(runs, args.title)
-  with open(os.path.join(args.out, "report.md"), "w") as f:
-    f.write(report)
-  plot(runs, os.path.join(args.out, "report.png"), args.title)
+  report = write(load_results(args.results), args.out, args.title)
   print(report, end="")
   return 0
 

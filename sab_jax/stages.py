@@ -23,7 +23,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from flax import nnx
 
-from sab_jax import distributed, export as export_lib, sharding as sharding_lib
+from sab_jax import distributed, export as export_lib, report, sharding as sharding_lib
 from sab_jax.calib import calibrate
 from sab_jax.data import datasets, pipeline, synthetic_vqa
 from sab_jax.data import tokenizer as tokenizer_lib
@@ -33,11 +33,6 @@ from sab_jax.models import hf, llava
 from sab_jax.quant import providers, rules as rules_lib
 from sab_jax.serve import packed
 from sab_jax.train import checkpointing, distill, train as train_lib
-
-
-def _tokenizer_path(config: ml_collections.ConfigDict) -> str | None:
-  """config.data.tokenizer, else a Hugging Face teacher's own; None: the synthetic set's word tokenizer."""
-  return config.data.tokenizer or (config.teacher.init if config.teacher.format == "hf" else None)
 
 
 class Context:
@@ -55,7 +50,7 @@ class Context:
       raise UserError("config.teacher.init is not set: pass --config.teacher.init=DIR (a Hugging Face LLaVA "
                       "checkpoint directory with teacher.format 'hf', a sab_jax checkpoint with 'orbax')")
     self.dataset = datasets.get(dc.name)
-    path = _tokenizer_path(config)
+    path = tokenizer_lib.tokenizer_path(config)
     self.tokenizer = tokenizer_lib.HFTokenizer(path) if path else tokenizer_lib.WordTokenizer.for_synthetic_vqa()
     if tc.format == "hf":  # the checkpoint's config.json defines the model; config.model is not used
       self.model_cfg = hf.read_config(tc.init)
@@ -222,9 +217,10 @@ def stage_teacher(ctx: Context) -> None:
       minutes = (time.time() - t) / 60
       checkpointing.save_params(out_dir, model, {
           "command": " ".join(["python -m sab_jax.main", *sys.argv[1:]]),
-          "model": ctx.config.model.to_dict(), "tokenizer": _tokenizer_path(ctx.config) or "word:synthetic_vqa",
+          "model": ctx.config.model.to_dict(),
+          "tokenizer": tokenizer_lib.tokenizer_path(ctx.config) or tokenizer_lib.WORD_TOKENIZER,
           "final_loss": loss, "train": ctx.config.train.to_dict(), "train_minutes_this_run": minutes,
-          "data": f"{dc.name}/{dc.train_config}",
+          "data": f"{dc.name}/{dc.train_config}", "max_answer_len": dc.max_answer_len,
           "init": tc.init if tc.format == "hf" or tc.warm_start else None})
       print(f"[teacher] trained in {minutes:.1f} min (this run), saved to {out_dir}")
   elif tc.format == "hf":
@@ -472,5 +468,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   for name in config.stages:
     STAGES[name](ctx)
     ctx.save_results()
+  if jax.process_index() == 0 and ctx.results["methods"]:
+    where = " ".join(str(ctx.results[k]) for k in ("dataset", "split") if ctx.results.get(k))
+    print(report.for_run(ctx.results, workdir, title=f"Models on {where or 'the eval split'}"), end="")
+    print(f"report: {os.path.join(workdir, 'report.md')}, {os.path.join(workdir, 'report.png')}")
   print(f"results: {ctx.results_path}")
   return ctx.results

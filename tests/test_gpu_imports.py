@@ -7,7 +7,8 @@ import pytest
 
 GPU_SIDE = ["sab_jax.models.llava", "sab_jax.models.hf", "sab_jax.models.decoding", "sab_jax.calib.calibrate",
             "sab_jax.quant.providers", "sab_jax.train.checkpointing",
-            "sab_jax.export.writer", "sab_jax.export.reader", "sab_jax.serve.packed", "sab_jax.quant.binary_dense",
+            "sab_jax.export.writer", "sab_jax.export.reader", "sab_jax.export.hf", "sab_jax.serve.packed",
+            "sab_jax.quant.binary_dense",
             "sab_jax.kernels.packed_matmul",
             "sab_jax.kernels.packed_layer"]
 BLOCK = ("import sys\n"

@@ -1,10 +1,11 @@
-"""experiments/report.py: results.json files -> markdown table and accuracy-vs-size plot."""
+"""sab_jax/report.py (the end of every pipeline run, `python -m sab_jax.report`): results.json files ->
+markdown table and accuracy-vs-size plot."""
 
 import json
 
 import pytest
 
-from experiments import report
+from sab_jax import report
 
 
 def _entry(acc, bits, nominal, nbytes, per_type):
@@ -57,7 +58,7 @@ def test_main_writes_table_and_png(two_runs, tmp_path, capsys):
   assert capsys.readouterr().out.strip() == md.strip()  # the same table goes to stdout
 
   head, rows = _table_rows(md)
-  for col in ("run", "method", "accuracy %", "count %", "exist %", "relation %", "stored bits/w", "formula bits/w",
+  for col in ("run", "method", "accuracy %", "Δ fp", "count %", "exist %", "relation %", "stored bits/w", "formula bits/w",
               "nominal bits", "model MB", "export"):
     assert col in head, col
   assert [(r["run"], r["method"]) for r in rows] == [
@@ -67,6 +68,9 @@ def test_main_writes_table_and_png(two_runs, tmp_path, capsys):
   assert by["full", "fp"]["accuracy %"] == "88.15"
   assert by["full", "sab"]["accuracy %"] == "72.06"  # 100x, two decimals (0.72055 -> 72.055 -> 72.06)
   assert by["full", "xnor"]["accuracy %"] == "41.25"
+  # points below the same run's fp model (88.15): 72.055 - 88.15 = -16.095 -> -16.10 (float rounding)
+  assert by["full", "xnor"]["Δ fp"] == "-46.90" and by["full", "sab"]["Δ fp"] in ("-16.09", "-16.10")
+  assert by["full", "fp"]["Δ fp"] == "–" and by["sparse", "sab_kd"]["Δ fp"] == "+10.00"
   assert by["full", "sab"]["count %"] == "47.4" and by["full", "fp"]["exist %"] == "100.0"
   assert by["full", "sab_structured (variant)"]["accuracy %"] == "43.90"
   assert by["full", "fp"]["model MB"] == "3.752" and by["full", "xnor"]["stored bits/w"] == "1.104"
@@ -102,3 +106,16 @@ def test_bad_input_exits_naming_the_file(two_runs, tmp_path, content, why):
   assert e.value.code not in (0, None)
   assert str(bad) in str(e.value.code) and why in str(e.value.code)
   assert not (tmp_path / "out" / "report.md").exists()  # nothing half-written
+
+
+def test_a_pipeline_run_ends_with_its_report(two_runs, tmp_path):
+  """What stages.run does last: WORKDIR/report.md + report.png of that run, the table aligned."""
+  workdir = tmp_path / "full"
+  results = json.loads((workdir / "results.json").read_text())
+  md = report.for_run(results, str(workdir), title="Binarized models on synthetic_vqa/small test")
+  assert (workdir / "report.md").read_text() == md and md.startswith("# Binarized models on synthetic_vqa/small")
+  assert (workdir / "report.png").read_bytes()[:4] == b"\x89PNG"
+  table = [ln for ln in md.splitlines() if ln.startswith("|")]
+  assert len({len(ln) for ln in table}) == 1  # every line as wide: columns line up in a terminal
+  _, rows = _table_rows(md)
+  assert [r["method"] for r in rows][:2] == ["fp", "sab"] and {r["run"] for r in rows} == {"full"}

@@ -28,9 +28,17 @@ Mapping), so only the packed parts of all layers (~1 GB for 7B) and the non-bina
 bf16 params are held, never a float kernel. Exports go to a temporary directory that is
 deleted after measuring (`--keep` to keep it).
 
-  python experiments/benchmarks/export_size.py [--variant llava-1.5-7b] [--configs a,b,c]
+Hugging Face export (`--hf`): after configuration a's packed export, also writes its Hugging
+Face export (`sab_jax.export.hf`, every binarized kernel dequantized to bf16; source names: a
+directory holding only `hf.config_to_hf(cfg)` as config.json, i.e. the new key layout) and
+records its bytes on disk and seconds next to the packed export's and FP16. That file is as
+large as FP16 by design (it exists for harnesses that load Hugging Face checkpoints); it is
+written to the work directory and deleted after measuring (unless `--keep`).
 
-Prints a table and writes JSON (default: export_size_<variant>.json next to this file).
+  python experiments/benchmarks/export_size.py [--variant llava-1.5-7b] [--configs a,b,c] [--hf]
+
+Prints a table and writes JSON (default: export_size_<variant>.json next to this file;
+export_size_<variant>_hf.json with `--hf`).
 Needs only jax/flax/orbax/numpy (not ml-collections, tfds or grain).
 """
 
@@ -57,6 +65,8 @@ import numpy as np
 from flax import nnx
 
 from sab_jax import export as export_lib
+from sab_jax.export import hf as hf_export
+from sab_jax.models import hf as hf_models
 from sab_jax.models import llava, paths
 from sab_jax.quant import providers, rules
 from sab_jax.quant.core import bits_core
@@ -166,9 +176,41 @@ def _peak_rss_gib() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # ru_maxrss is KiB on Linux
 
 
+def hf_row(cfg: llava.LlavaConfig, export_dir: str, workdir: str, packed: Mapping[str, Any], *,
+           keep: bool = False) -> dict[str, Any]:
+  """Writes the Hugging Face export of `export_dir` to `workdir/hf` and measures it next to `packed` (its row)."""
+  source = os.path.join(workdir, "hf_source")
+  os.makedirs(source, exist_ok=True)
+  with open(os.path.join(source, "config.json"), "w") as f:
+    json.dump(hf_models.config_to_hf(cfg), f, indent=1)
+  out = os.path.join(workdir, "hf")
+  t = time.perf_counter()
+  info = hf_export.export_hf(export_dir, out, source=source, overwrite=True)
+  seconds = time.perf_counter() - t
+  n_tensors = len(hf_models.open_checkpoint(out))  # the headers read back
+  row = {
+      "config": packed["config"], "packed_bytes": packed["model_bytes"], "hf_bytes": info["bytes"],
+      "hf_tensor_bytes": info["tensor_bytes"], "hf_tensors": n_tensors, "fp16_bytes": packed["fp16_bytes"],
+      "hf_over_fp16": info["bytes"] / packed["fp16_bytes"],
+      "packed_over_fp16": packed["model_bytes"] / packed["fp16_bytes"],
+      "packed_export_s": packed["export_s"], "hf_export_s": seconds,
+      "hf_read_s": info["read_s"],  # reader.read: restore, checksums, decoding every layer's parts
+      "hf_write_s": seconds - info["read_s"],  # dequantize, bf16, transpose, write (one tensor at a time)
+      "config_round_trips": hf_models.read_config(out) == cfg,
+      "peak_rss_gib_so_far": _peak_rss_gib(),
+  }
+  if not keep:
+    shutil.rmtree(out)
+  print(f"[{row['config']} hf] {row['hf_bytes'] / 1e9:.3f} GB on disk ({n_tensors} bf16 tensors) vs packed "
+        f"{row['packed_bytes'] / 1e9:.3f} GB and FP16 {row['fp16_bytes'] / 1e9:.3f} GB; {seconds:.1f} s, peak RSS "
+        f"{row['peak_rss_gib_so_far']:.2f} GiB", flush=True)
+  return row
+
+
 def run(variant: str, configs: list[str], workdir: str, *, seed: int = 0, keep: bool = False,
-        provider: providers.Sab | None = None) -> dict[str, Any]:
-  """Exports `variant` once per configuration into `workdir/<config>`; returns the report."""
+        provider: providers.Sab | None = None, hf: bool = False) -> dict[str, Any]:
+  """Exports `variant` once per configuration into `workdir/<config>` (with `hf`, configuration a's
+  Hugging Face export too); returns the report."""
   provider = provider or providers.Sab(structured=True)
   cfg = llava.VARIANTS[variant]
   t = time.perf_counter()
@@ -183,7 +225,7 @@ def run(variant: str, configs: list[str], workdir: str, *, seed: int = 0, keep: 
   print(f"{variant}: {total_params:,} params ({filled:,} filled with random bf16) in {setup_s:.1f} s",
         flush=True)
 
-  rows = []
+  rows, hf_rows = [], []
   for c in configs:
     spec = CONFIGS[c]
     layers = SyntheticLayers({p: tuple(dense[p].kernel.get_value().shape) for p in chosen[c]}, provider, seed)
@@ -218,11 +260,13 @@ def run(variant: str, configs: list[str], workdir: str, *, seed: int = 0, keep: 
         "peak_rss_gib_so_far": _peak_rss_gib(),
     }
     rows.append(row)
-    if not keep:
-      shutil.rmtree(directory)
     print(f"[{c}] {row['model_bytes'] / 1e9:.3f} GB on disk vs {fp16 / 1e9:.3f} GB FP16 "
           f"({row['reduction_pct']:.2f}% smaller), export {export_s:.1f} s, peak RSS "
           f"{row['peak_rss_gib_so_far']:.2f} GiB", flush=True)
+    if hf and c == "a":
+      hf_rows.append(hf_row(cfg, directory, workdir, row, keep=keep))
+    if not keep:
+      shutil.rmtree(directory)
 
   return {
       "benchmark": "export_size", "variant": variant, "provider": repr(provider),
@@ -232,6 +276,8 @@ def run(variant: str, configs: list[str], workdir: str, *, seed: int = 0, keep: 
       "total_params": total_params, "setup_s": setup_s,
       "date": datetime.date.today().isoformat(), "host": platform.processor() or platform.machine(),
       "cpu_count": os.cpu_count(), "jax": jax.__version__, "rows": rows,
+      **({"hf_rows": hf_rows, "hf": "sab_jax.export.hf: binarized kernels dequantized to bf16, other params bf16; "
+                                    "bytes = every file written (safetensors, config, provenance)"} if hf else {}),
   }
 
 
@@ -246,12 +292,18 @@ def table(report: Mapping[str, Any]) -> str:
     lines.append(f"| {r['config']}: {r['description']} | {r['binarized_bytes']:,} | {r['params_bytes']:,} | "
                  f"{r['arrays_bytes']:,} | {r['model_bytes']:,} | {r['fp16_bytes']:,} | "
                  f"{r['arrays_reduction_pct']:.2f}% | {r['reduction_pct']:.2f}% | {dec} | {r['export_s']:.1f} |")
+  if report.get("hf_rows"):
+    lines += ["", "| config | packed bytes (disk) | Hugging Face export bytes (disk) | FP16 bytes | HF / FP16 | "
+              "packed export s | HF export s |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in report["hf_rows"]:
+      lines.append(f"| {r['config']} | {r['packed_bytes']:,} | {r['hf_bytes']:,} | {r['fp16_bytes']:,} | "
+                   f"{r['hf_over_fp16']:.4f} | {r['packed_export_s']:.1f} | {r['hf_export_s']:.1f} |")
   return "\n".join(lines)
 
 
-def _default_out(variant: str) -> str:
+def _default_out(variant: str, hf: bool = False) -> str:
   tag = variant.replace("llava-1.5-", "llava").replace("-", "").replace(".", "")
-  return os.path.join(os.path.dirname(os.path.abspath(__file__)), f"export_size_{tag}.json")
+  return os.path.join(os.path.dirname(os.path.abspath(__file__)), f"export_size_{tag}{'_hf' if hf else ''}.json")
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -261,20 +313,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   ap.add_argument("--workdir", default=None, help="where exports are written (default: a new temp dir)")
   ap.add_argument("--keep", action="store_true", help="keep the exports")
   ap.add_argument("--seed", type=int, default=0)
-  ap.add_argument("--out", default=None, help="JSON path (default: export_size_<variant>.json next to this file)")
+  ap.add_argument("--hf", action="store_true",
+                  help="also write configuration a's Hugging Face export (sab_jax.export.hf) and measure it")
+  ap.add_argument("--out", default=None,
+                  help="JSON path (default: export_size_<variant>.json next to this file, _hf.json with --hf)")
   args = ap.parse_args(argv)
   configs = args.configs.split(",")
   unknown = [c for c in configs if c not in CONFIGS]
   if unknown:
     ap.error(f"unknown configs {unknown}; choose from {sorted(CONFIGS)}")
+  if args.hf and "a" not in configs:
+    ap.error("--hf writes the Hugging Face export of configuration a: include a in --configs")
   workdir = args.workdir or tempfile.mkdtemp(prefix="export_size_")
   os.makedirs(workdir, exist_ok=True)
   try:
-    report = run(args.variant, configs, workdir, seed=args.seed, keep=args.keep)
+    report = run(args.variant, configs, workdir, seed=args.seed, keep=args.keep, hf=args.hf)
   finally:
     if not args.keep and args.workdir is None:
       shutil.rmtree(workdir, ignore_errors=True)
-  out = args.out or _default_out(args.variant)
+  out = args.out or _default_out(args.variant, args.hf)
   with open(out, "w") as f:
     json.dump(report, f, indent=1)
   print()

@@ -10,7 +10,8 @@ attributes (`pad_id`, `bos_id`, `eos_id`, `image_token_id`, `vocab_size`):
   https://arxiv.org/abs/2310.03744), whose short-answer VQA instruction we reuse.
 
 `prompt_ids` builds the prompt of either, with the image placeholder expanded to one token
-per image feature (the model replaces those positions with the projected image features).
+per image feature (the model replaces those positions with the projected image features);
+`tokenizer_path` says which tokenizer a pipeline config uses.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import tokenizers
 
@@ -27,6 +28,12 @@ from sab_jax.data import synthetic_vqa
 # LLaVA-1.5's prompt for short-answer VQA benchmarks (VQAv2, GQA).
 LLAVA_PROMPT = ('USER: <image>\n{question}\nAnswer the question using a single word or '
                 'phrase. ASSISTANT:')
+# LLaVA-1.5's plain conversation turn (free-form answers), as in its model card.
+LLAVA_CHAT_PROMPT = 'USER: <image>\n{question} ASSISTANT:'
+# How a checkpoint's meta.json names the synthetic set's WordTokenizer.
+WORD_TOKENIZER = 'word:synthetic_vqa'
+# Prompt templates of HFTokenizer models by name (`python -m sab_jax.ask --prompt=NAME`).
+PROMPTS = {'vqa': LLAVA_PROMPT, 'chat': LLAVA_CHAT_PROMPT}
 
 _WORD_RE = re.compile(r"[a-z0-9']+|[^\sa-z0-9']")
 
@@ -169,19 +176,28 @@ class HFTokenizer:
 Tokenizer = WordTokenizer | HFTokenizer
 
 
-def prompt_ids(tokenizer: Tokenizer, question: str, num_image_tokens: int) -> list[int]:
+def tokenizer_path(config: Mapping[str, Any]) -> str | None:
+  """The tokenizer of a pipeline config (a ConfigDict or its dict): config.data.tokenizer, else
+  a Hugging Face teacher's own directory; None: the synthetic set's WordTokenizer."""
+  data, teacher = config.get('data') or {}, config.get('teacher') or {}
+  return data.get('tokenizer') or (teacher.get('init') if teacher.get('format') == 'hf' else None)
+
+
+def prompt_ids(tokenizer: Tokenizer, question: str, num_image_tokens: int,
+               template: str = LLAVA_PROMPT) -> list[int]:
   """The prompt for one question, image placeholder expanded to `num_image_tokens` ids.
 
-  WordTokenizer: `[bos] + [image] * N + encode(question)`.
-  HFTokenizer: LLaVA-1.5's `USER: <image>\\n{question}\\nAnswer the question using a
-  single word or phrase. ASSISTANT:` after bos, its single `<image>` token replaced by N.
+  WordTokenizer: `[bos] + [image] * N + encode(question)` (`template` does not apply).
+  HFTokenizer: `template` (default LLaVA-1.5's VQA prompt `USER: <image>\\n{question}\\nAnswer
+  the question using a single word or phrase. ASSISTANT:`, the one every evaluation uses;
+  `PROMPTS` has others) after bos, its single `<image>` token replaced by N.
   """
   if isinstance(tokenizer, WordTokenizer):
     return ([tokenizer.bos_id] + [tokenizer.image_token_id] * num_image_tokens
             + tokenizer.encode(question))
   # Encode the whole text at once (tokenizers splits on the added <image> token), so
   # the text around the image tokenizes exactly as in LLaVA's own processor.
-  ids = tokenizer.encode(LLAVA_PROMPT.format(question=question))
+  ids = tokenizer.encode(template.format(question=question))
   if ids.count(tokenizer.image_token_id) != 1:
     raise ValueError(f'Expected one {tokenizer.image_token!r} token in the prompt, got '
                      f'{ids.count(tokenizer.image_token_id)}; is it an added token?')

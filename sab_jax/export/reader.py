@@ -259,23 +259,46 @@ def _check_int8(directory: str, manifest: Mapping[str, Any], state: Mapping[str,
   return dict(stored_scales)
 
 
-def _decode_layers(directory: str, specs: Mapping[str, Any], stored: dict[str, dict[str, np.ndarray]],
-                   provider: Any) -> dict[str, Parts]:
-  """Typed parts by layer (consumes `stored` layer by layer)."""
-  out: dict[str, Parts] = {}
-  for path, spec in specs.items():
-    try:
-      out[path] = decode_layer(stored.pop(path), spec["parts"], provider)
-    except ValueError as e:
-      raise DamagedExport(f"{directory}: layer {path!r} does not decode: {e}; the export is damaged or its "
-                          f"manifest was edited: {REEXPORT}") from None
-  return out
+def _decode_one(directory: str, path: str, spec: Mapping[str, Any], stored: Mapping[str, np.ndarray],
+                provider: Any) -> Parts:
+  try:
+    return decode_layer(stored, spec["parts"], provider)
+  except ValueError as e:
+    raise DamagedExport(f"{directory}: layer {path!r} does not decode: {e}; the export is damaged or its "
+                        f"manifest was edited: {REEXPORT}") from None
+
+
+class LazyLayers(Mapping):
+  """Typed parts by layer, each decoded when asked for (bool planes unpacked take ~1 byte a
+  weight per plane: a 7B model's would not fit next to everything else); `pop` also drops
+  the layer's stored arrays. Every check but the decoding itself has run already."""
+
+  def __init__(self, directory: str, specs: Mapping[str, Any], stored: dict[str, dict[str, np.ndarray]],
+               provider: Any):
+    self._directory, self._specs, self._stored, self._provider = directory, dict(specs), stored, provider
+
+  def __getitem__(self, path: str) -> Parts:
+    return _decode_one(self._directory, path, self._specs[path], self._stored[path], self._provider)
+
+  def __contains__(self, path: object) -> bool:  # Mapping's would decode the layer to find out
+    return path in self._specs
+
+  def __iter__(self):
+    return iter(self._specs)
+
+  def __len__(self) -> int:
+    return len(self._specs)
+
+  def pop(self, path: str) -> Parts:
+    parts = self[path]
+    del self._specs[path], self._stored[path]
+    return parts
 
 
 # --- read / load ----------------------------------------------------------------------------
 
-def read(directory: str, model_template: nnx.Module
-         ) -> tuple[dict[str, Any], dict[str, dict[str, np.ndarray]], dict[str, np.ndarray]]:
+def read(directory: str, model_template: nnx.Module, *, lazy: bool = False
+         ) -> tuple[dict[str, Any], Mapping[str, Parts], dict[str, np.ndarray]]:
   """Reads and checks an export against a template.
 
   Only the template's structure and shapes are used (it may be abstract, e.g. from
@@ -285,6 +308,8 @@ def read(directory: str, model_template: nnx.Module
   Args:
     directory: the export directory.
     model_template: a model of the exported structure.
+    lazy: `layers` decodes each layer when it is read (`LazyLayers`; a damaged layer then
+      raises there), not all of them here.
 
   Returns:
     (manifest, layers, params). `layers`: {dotted Dense path: typed parts}, each binarized
@@ -310,7 +335,9 @@ def read(directory: str, model_template: nnx.Module
   stored_params = _check_params(directory, manifest, state, model_template)
   scales = _check_int8(directory, manifest, state)
   del state
-  layers = _decode_layers(directory, specs, stored_layers, provider)
+  layers = LazyLayers(directory, specs, stored_layers, provider)
+  if not lazy:
+    layers = {path: layers.pop(path) for path in list(layers)}  # the stored arrays go as the parts come
   params = {p: dequantize_int8(a, scales[p]) if p in scales else a for p, a in stored_params.items()}
   return manifest, layers, params
 

@@ -6,10 +6,16 @@ copies in host memory. Both key layouts seen in the wild are accepted:
 transformers < 4.52 (`language_model.model.*`, `language_model.lm_head`) and later
 (`model.language_model.*`, `lm_head`), with the vision tower under
 `vision_tower.vision_model.*` or `vision_tower.*`.
+
+The same rule table read backwards serves the Hugging Face export (`sab_jax.export.hf`):
+`to_hf` turns our value of a param into the tensor an HF key names, `hf_key` / `hf_names`
+give the new-layout names where no source checkpoint gives them, and `config_to_hf` writes a
+config.json for a model shape that has none.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -24,6 +30,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from sab_jax import sharding as sharding_lib
+from sab_jax.errors import UserError
 from sab_jax.models import clip, llama
 from sab_jax.models.llava import Llava, LlavaConfig
 
@@ -143,6 +150,50 @@ def config_from_hf(hf: dict[str, Any]) -> LlavaConfig:
       multimodal_projector_bias=hf.get("multimodal_projector_bias", True))
 
 
+def check_hf_architecture(cfg: LlavaConfig) -> None:
+  """Raises UserError for a model with parameters a transformers LLaVA does not have."""
+  if cfg.image_coordinates:
+    raise UserError("the model has image_coordinates=True (a learned image_coordinate_embedding that transformers' "
+                    "LlavaForConditionalGeneration does not have), so it has no Hugging Face form; serve it "
+                    "from its packed export (sab_jax.serve.packed)")
+
+
+def config_to_hf(cfg: LlavaConfig) -> dict[str, Any]:
+  """A transformers LLaVA config.json (llama text_config, clip_vision_model vision_config) for `cfg`.
+
+  For checkpoints that come without one (e.g. a model shape from `llava.VARIANTS`);
+  `config_from_hf(config_to_hf(cfg)) == cfg`. Weights are written in bfloat16, hence "dtype".
+  Raises UserError for a model transformers cannot express (`check_hf_architecture`).
+  """
+  check_hf_architecture(cfg)
+  t, v = cfg.text, cfg.vision
+  text = {
+      "model_type": "llama", "vocab_size": t.vocab_size, "hidden_size": t.hidden_size,
+      "intermediate_size": t.intermediate_size, "num_hidden_layers": t.num_hidden_layers,
+      "num_attention_heads": t.num_attention_heads, "num_key_value_heads": t.num_key_value_heads,
+      "rms_norm_eps": t.rms_norm_eps, "rope_parameters": {"rope_type": "default", "rope_theta": t.rope_theta},
+      "rope_theta": t.rope_theta,  # transformers < 5 reads this one
+      "max_position_embeddings": t.max_position_embeddings, "hidden_act": t.hidden_act,
+      "attention_bias": t.attention_bias, "mlp_bias": t.mlp_bias, "initializer_range": t.initializer_range,
+      "tie_word_embeddings": t.tie_word_embeddings}
+  if t.head_dim is not None:  # else transformers derives it as we do (hidden_size // heads)
+    text["head_dim"] = t.head_dim
+  vision = {
+      "model_type": "clip_vision_model", "hidden_size": v.hidden_size, "intermediate_size": v.intermediate_size,
+      "num_hidden_layers": v.num_hidden_layers, "num_attention_heads": v.num_attention_heads,
+      "image_size": v.image_size, "patch_size": v.patch_size, "num_channels": v.num_channels,
+      "hidden_act": v.hidden_act, "layer_norm_eps": v.layer_norm_eps, "initializer_range": v.initializer_range}
+  layer = cfg.vision_feature_layer
+  return {
+      "architectures": ["LlavaForConditionalGeneration"], "model_type": "llava", "dtype": "bfloat16",
+      "image_token_index": cfg.image_token_id, "image_seq_length": v.num_patches,
+      "projector_hidden_act": cfg.projector_hidden_act,
+      "vision_feature_layer": list(layer) if isinstance(layer, tuple) else layer,
+      "vision_feature_select_strategy": cfg.vision_feature_select_strategy,
+      "multimodal_projector_bias": cfg.multimodal_projector_bias, "tie_word_embeddings": t.tie_word_embeddings,
+      "text_config": text, "vision_config": vision}
+
+
 # --- key mapping ------------------------------------------------------------------
 def _canonical(key: str) -> str:
   """Strips the layout-specific prefixes: one name per tensor whatever the exporter."""
@@ -155,19 +206,29 @@ def _canonical(key: str) -> str:
   return key
 
 
-def _linear(w: np.ndarray) -> np.ndarray:
-  return w.T  # torch Linear [out, in] -> Flax kernel [in, out]
+@dataclasses.dataclass(frozen=True)
+class _Transform:
+  """One rule's array transform both ways: HF tensor -> our array (calling it, what the import
+  applies) and our array -> HF tensor (`to_hf`, what the Hugging Face export applies)."""
+  to_ours: Callable[[np.ndarray], np.ndarray]
+  to_hf: Callable[[np.ndarray, LlavaConfig], np.ndarray]
+
+  def __call__(self, w: np.ndarray) -> np.ndarray:
+    return self.to_ours(w)
 
 
-def _patch(w: np.ndarray) -> np.ndarray:
-  d = w.shape[0]  # Conv2d [D, C, p, p] -> Dense over (p, p, C)-flattened patches
-  return w.transpose(2, 3, 1, 0).reshape(-1, d)
+def _patch_to_hf(w: np.ndarray, cfg: LlavaConfig) -> np.ndarray:
+  p, c = cfg.vision.patch_size, cfg.vision.num_channels  # Dense [(p, p, C), D] -> Conv2d [D, C, p, p]
+  return w.reshape(p, p, c, w.shape[-1]).transpose(3, 2, 0, 1)
 
 
-_same = lambda w: w
+_linear = _Transform(lambda w: w.T, lambda w, cfg: w.T)  # torch Linear [out, in] <-> Flax kernel [in, out]
+_patch = _Transform(lambda w: w.transpose(2, 3, 1, 0).reshape(-1, w.shape[0]),  # Conv2d -> Dense on patches
+                    _patch_to_hf)
+_same = _Transform(lambda w: w, lambda w, cfg: w)
 
 # (regex over canonical HF names) -> (our path template, transform). First match wins.
-_RULES: list[tuple[str, str, Callable[[np.ndarray], np.ndarray]]] = [
+_RULES: list[tuple[str, str, _Transform]] = [
     (r"language_model\.embed_tokens\.weight", "language_model.embed_tokens.embedding", _same),
     (r"language_model\.norm\.weight", "language_model.norm.scale", _same),
     (r"language_model\.layers\.(\d+)\.(input_layernorm|post_attention_layernorm)\.weight",
@@ -194,13 +255,77 @@ _RULES: list[tuple[str, str, Callable[[np.ndarray], np.ndarray]]] = [
 ]
 
 
-def map_key(hf_key: str) -> tuple[str, Callable[[np.ndarray], np.ndarray]] | None:
+def map_key(hf_key: str) -> tuple[str, _Transform] | None:
   """Our dotted parameter path and the array transform for one HF tensor name (None: not ours)."""
   key = _canonical(hf_key)
   for pattern, target, fn in _RULES:
     if re.fullmatch(pattern, key):
       return re.sub(pattern, target, key), fn
   return None
+
+
+# --- the inverse direction (Hugging Face export) -----------------------------------
+def _inverted(pattern: str, target: str) -> tuple[re.Pattern, list[str]]:
+  """A rule read backwards: a regex over our paths (the target with the pattern's groups put
+  back) and the literal pieces of the canonical HF name between those groups."""
+  groups = re.findall(r"\(([^()]*)\)", pattern)  # the rules' groups do not nest
+  pieces = re.split(r"\\(\d)", target)           # literal, group number, literal, ...
+  regex = "".join(re.escape(x) if i % 2 == 0 else f"(?P<g{x}>{groups[int(x) - 1]})" for i, x in enumerate(pieces))
+  literals = [re.sub(r"\\(.)", r"\1", x) for x in re.split(r"\([^()]*\)", pattern)]
+  return re.compile(regex), literals
+
+
+_INVERTED = [_inverted(pattern, target) for pattern, target, _ in _RULES]  # derived from _RULES, not a second table
+# Canonical prefix -> the layout transformers >= 4.52 names its modules with.
+_NEW_LAYOUT = (("language_model.", "model.language_model."), ("vision_tower.", "model.vision_tower.vision_model."),
+               ("multi_modal_projector.", "model.multi_modal_projector."))
+
+
+def hf_key(path: str) -> str | None:
+  """The HF tensor name of our dotted param path in the new layout (`model.language_model.*`,
+  `model.vision_tower.vision_model.*`, `model.multi_modal_projector.*`, `lm_head.weight`);
+  None for a param no HF tensor maps to. `map_key(hf_key(path))[0] == path`."""
+  for regex, literals in _INVERTED:
+    m = regex.fullmatch(path)
+    if m:
+      name = literals[0] + "".join(m.group(f"g{i}") + lit for i, lit in enumerate(literals[1:], 1))
+      for old, new in _NEW_LAYOUT:
+        if name.startswith(old):
+          return new + name[len(old):]
+      return name
+  return None
+
+
+def to_hf(hf_key: str, value: np.ndarray, cfg: LlavaConfig) -> np.ndarray:
+  """The HF tensor `hf_key` from our value of the param `map_key(hf_key)` names (the import's
+  transform inverted: kernels transposed back, the patch Dense back to a Conv2d kernel)."""
+  mapped = map_key(hf_key)
+  if mapped is None:
+    raise KeyError(f"{hf_key} is not a tensor of a sab_jax LLaVA (map_key maps it to nothing)")
+  return mapped[1].to_hf(value, cfg)
+
+
+def hf_shape(hf_key: str, shape: tuple[int, ...], cfg: LlavaConfig) -> tuple[int, ...]:
+  """The shape `to_hf` gives for a value of `shape` (computed on a view, nothing allocated)."""
+  return tuple(to_hf(hf_key, np.broadcast_to(np.zeros((), np.uint8), shape), cfg).shape)
+
+
+def hf_names(cfg: LlavaConfig) -> dict[str, str]:
+  """{HF tensor name (new layout, `hf_key`): our dotted param path} for every param of `Llava(cfg)`.
+
+  The names a checkpoint of `cfg` has when no source checkpoint gives them. Raises UserError
+  for a model transformers cannot express (`check_hf_architecture`).
+  """
+  check_hf_architecture(cfg)
+  _, state = nnx.split(nnx.eval_shape(lambda: Llava(cfg, rngs=nnx.Rngs(0))))
+  out = {}
+  for p, _ in nnx.to_flat_state(state):
+    path = _path_str(p)
+    name = hf_key(path)
+    if name is None:
+      raise UserError(f"param {path!r} has no Hugging Face LLaVA tensor (sab_jax.models.hf._RULES maps none to it)")
+    out[name] = path
+  return out
 
 
 def _path_str(path: tuple[Any, ...]) -> str:
