@@ -54,9 +54,9 @@ def test_smoke_retrain_writes_results_and_resumes(tmp_path):
   assert kd["bits_per_weight"] == res["methods"]["sab"]["bits_per_weight"]
   # the run ends with its report: the table printed, report.md and report.png written
   report = (wd / "report.md").read_text()
-  table = [line for line in report.splitlines() if line.startswith("| ")]
+  table = [line for line in report.splitlines() if line.startswith("|")]  # header, rule, one row per model
   assert table[0].split("|")[2].strip() == "method" and "Δ fp" in table[0]
-  assert len(table) == 1 + len(res["methods"]) + len(res["variants"])
+  assert len(table) == 2 + len(res["methods"]) + len(res["variants"])
   assert "\n".join(table) in p.stdout and (wd / "report.png").read_bytes()[:4] == b"\x89PNG"
   again = _run(tmp_path, f"--config={DEMO}:smoke,retrain", f"--workdir={wd}")
   assert again.returncode == 0, again.stderr[-3000:]

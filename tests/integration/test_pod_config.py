@@ -48,8 +48,8 @@ def _run(root, *overrides, workdir="wd"):
   return subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
 
 
-def _transformers_answers(info, ckpt, source):
-  """transformers' greedy answers, one unpadded prompt at a time."""
+def _transformers_answers(model, info, ckpt, source):
+  """transformers' greedy answers of `model`, one unpadded prompt at a time."""
   import torch
   from sab_jax.data import pipeline, tokenizer as tok_lib
 
@@ -64,7 +64,7 @@ def _transformers_answers(info, ckpt, source):
     ids = tok_lib.prompt_ids(tok, pipeline._text(record["question"]), info["num_image_tokens"])
     pixels = pre.pixels(record["image"])[None].transpose(0, 3, 1, 2)
     with torch.no_grad():
-      out = info["model"].generate(input_ids=torch.tensor([ids]), pixel_values=torch.from_numpy(pixels),
+      out = model.generate(input_ids=torch.tensor([ids]), pixel_values=torch.from_numpy(pixels),
                                    attention_mask=torch.ones(1, len(ids), dtype=torch.long), do_sample=False,
                                    max_new_tokens=LOCAL.data.max_answer_len, eos_token_id=tok.eos_id,
                                    pad_token_id=tok.pad_id)
@@ -100,9 +100,20 @@ def test_pod_config_runs_end_to_end_from_a_hf_checkpoint(tmp_path):
   source = datasets.load("vqav2", "res336", str(tmp_path / "tfds")).as_data_source()["validation"]
   rows = [json.loads(line) for line in (tmp_path / "wd" / "predictions" / "fp.jsonl").read_text().splitlines()]
   assert [r["answer"] for r in rows] == [vqav2.to_python(source[i])["answer"] for i in range(len(source))]
-  reference = _transformers_answers(info, ckpt, source)
+  reference = _transformers_answers(info["model"], info, ckpt, source)
   assert [r["prediction"] for r in rows] == reference
   assert any(reference)  # the random model says something, so the comparison is not empty == empty
+
+  # The distilled binarized model as a Hugging Face checkpoint (sab_jax.export.hf): transformers
+  # loads it as the original architecture and answers as the pipeline's packed export did.
+  import torch
+  import transformers
+  from sab_jax.export import hf as hf_export
+  out = tmp_path / "sab_kd_hf"
+  hf_export.export_hf(str(tmp_path / "wd" / results["methods"]["sab_kd"]["export_dir"]), str(out))
+  binarized = transformers.LlavaForConditionalGeneration.from_pretrained(str(out), dtype=torch.float32).eval()
+  kd = [json.loads(line) for line in (tmp_path / "wd" / "predictions" / "sab_kd.jsonl").read_text().splitlines()]
+  assert [r["prediction"] for r in kd] == _transformers_answers(binarized, info, ckpt, source)
 
 
 @pytest.mark.slow  # the config itself loads in the fast tier: test_config_utils.py, test_multiprocess.py
