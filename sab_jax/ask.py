@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import sys
@@ -41,7 +42,7 @@ from sab_jax import export as export_lib
 from sab_jax.data import pipeline
 from sab_jax.data import tokenizer as tokenizer_lib
 from sab_jax.data.images import PREPROCESSOR_CONFIG, ClipImageProcessor
-from sab_jax.errors import UserError
+from sab_jax.errors import UserError, one_line
 from sab_jax.export.manifest import MANIFEST
 from sab_jax.models import decoding, hf, llava
 from sab_jax.serve import packed
@@ -53,10 +54,6 @@ DEFAULT_MAX_NEW_TOKENS = 32
 PAD_MULTIPLE = 8
 MODEL_FILES = ("manifest.json (a packed export, DIR/exports/NAME), meta.json (a sab_jax teacher checkpoint such "
                "as experiments/teacher/demo) or config.json (a Hugging Face LLaVA checkpoint)")
-
-
-def _one_line(e: BaseException) -> str:
-  return " ".join(str(e).split()) or type(e).__name__
 
 
 @dataclasses.dataclass
@@ -109,7 +106,7 @@ def _read_json(path: str, what: str) -> dict[str, Any]:
     with open(path, encoding="utf-8") as f:
       d = json.load(f)
   except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-    raise UserError(f"{path} cannot be read ({type(e).__name__}: {_one_line(e)[:120]}): {what}") from None
+    raise UserError(f"{path} cannot be read ({type(e).__name__}: {one_line(e)[:120]}): {what}") from None
   if not isinstance(d, dict):
     raise UserError(f"{path} holds a JSON {type(d).__name__}, not an object: {what}")
   return d
@@ -122,31 +119,28 @@ def _tokenizer(path: str | None, where: str) -> tokenizer_lib.Tokenizer:
   try:
     return tokenizer_lib.HFTokenizer(path)
   except Exception as e:  # the tokenizers library raises bare Exceptions for a bad file
-    raise UserError(f"the tokenizer {path} ({where}) cannot be loaded ({_one_line(e)[:160]}): pass "
+    raise UserError(f"the tokenizer {path} ({where}) cannot be loaded ({one_line(e)[:160]}): pass "
                     f"--tokenizer=PATH (the checkpoint's tokenizer.json or its directory)") from None
 
 
 def _check_tokenizer(tok: tokenizer_lib.Tokenizer, cfg: llava.LlavaConfig, path: str) -> None:
-  """The checks `stages.Context` makes: a tokenizer of another model gives nonsense, not an error."""
-  if tok.vocab_size > cfg.text.vocab_size or tok.image_token_id != cfg.image_token_id:
-    raise UserError(f"{path}: the tokenizer ({tok.vocab_size} tokens, image token {tok.image_token_id}) does not "
-                    f"belong to the model ({cfg.text.vocab_size} tokens, image token {cfg.image_token_id}): pass "
-                    f"--tokenizer=PATH to the model's own tokenizer")
+  """The check `stages.Context` makes."""
+  problem = tokenizer_lib.mismatch(tok, vocab_size=cfg.text.vocab_size, image_token_id=cfg.image_token_id)
+  if problem:
+    raise UserError(f"{path}: {problem}: pass --tokenizer=PATH to the model's own tokenizer")
 
 
-def _square_pixels(cfg: llava.LlavaConfig, tok: tokenizer_lib.Tokenizer) -> Callable[[np.ndarray], np.ndarray]:
+def _square_pixels(cfg: llava.LlavaConfig) -> Callable[[np.ndarray], np.ndarray]:
   """The pipeline's preprocessing (square resize, CLIP mean/std): how sab_jax trains and evaluates."""
-  pre = pipeline.Preprocess(tok, num_image_tokens=cfg.num_image_tokens, image_mean=pipeline.CLIP_MEAN,
-                            image_std=pipeline.CLIP_STD, max_prompt_len=0, max_answer_len=0,
-                            image_size=cfg.vision.image_size)  # only `pixels` is used
-  return pre.pixels
+  return functools.partial(pipeline.to_pixels, image_size=cfg.vision.image_size, mean=pipeline.CLIP_MEAN,
+                           std=pipeline.CLIP_STD)
 
 
 def _model_config(d: Any, path: str, where: str) -> llava.LlavaConfig:
   try:
     return llava.config_from_dict(dict(d))
   except (TypeError, ValueError, KeyError) as e:
-    raise UserError(f"{path}: {where} is not a model config ({_one_line(e)[:160]})") from None
+    raise UserError(f"{path}: {where} is not a model config ({one_line(e)[:160]})") from None
 
 
 def load_export(path: str, *, mode: str = "auto", tokenizer: str | None = None) -> Asker:
@@ -166,7 +160,7 @@ def load_export(path: str, *, mode: str = "auto", tokenizer: str | None = None) 
                    "--tokenizer" if tokenizer else "the export's config.data.tokenizer / config.teacher.init")
   _check_tokenizer(tok, cfg, path)
   budget = (config.get("data") or {}).get("max_answer_len") or DEFAULT_MAX_NEW_TOKENS
-  return Asker(model, tok, _square_pixels(cfg, tok), int(budget), "export")
+  return Asker(model, tok, _square_pixels(cfg), int(budget), "export")
 
 
 def load_teacher(path: str, *, tokenizer: str | None = None) -> Asker:
@@ -179,19 +173,19 @@ def load_teacher(path: str, *, tokenizer: str | None = None) -> Asker:
   try:
     checkpointing.load_params(path, model)
   except Exception as e:  # orbax / tensorstore raise many types for missing or damaged files
-    raise UserError(f"{path}: the parameters do not restore ({_one_line(e)[:200]}); the checkpoint is damaged "
+    raise UserError(f"{path}: the parameters do not restore ({one_line(e)[:200]}); the checkpoint is damaged "
                     f"or its meta.json describes another model") from None
   tok = _tokenizer(tokenizer or meta.get("tokenizer"), "--tokenizer" if tokenizer else "meta.json's tokenizer")
   _check_tokenizer(tok, cfg, path)
   budget = meta.get("max_answer_len") or DEFAULT_MAX_NEW_TOKENS  # recorded by stage_teacher since issue 17
-  return Asker(model, tok, _square_pixels(cfg, tok), int(budget), "teacher")
+  return Asker(model, tok, _square_pixels(cfg), int(budget), "teacher")
 
 
 def _load_hf_llava(path: str, *, tokenizer: str | None = None) -> Asker:
   try:
     model = hf.from_pretrained(path)
   except (OSError, ValueError, NotImplementedError) as e:
-    raise UserError(f"{path}: not a LLaVA checkpoint sab_jax reads ({_one_line(e)[:240]})") from None
+    raise UserError(f"{path}: not a LLaVA checkpoint sab_jax reads ({one_line(e)[:240]})") from None
   tok = _tokenizer(tokenizer or path, "--tokenizer" if tokenizer else "the checkpoint's tokenizer.json")
   _check_tokenizer(tok, model.cfg, path)
   if os.path.exists(os.path.join(path, PREPROCESSOR_CONFIG)):
@@ -201,7 +195,7 @@ def _load_hf_llava(path: str, *, tokenizer: str | None = None) -> Asker:
       raise UserError(f"{path}: {PREPROCESSOR_CONFIG} crops to {crop}, the vision tower takes "
                       f"{model.cfg.vision.image_size}x{model.cfg.vision.image_size} images")
   else:
-    pixels = _square_pixels(model.cfg, tok)
+    pixels = _square_pixels(model.cfg)
   return Asker(model, tok, pixels, DEFAULT_MAX_NEW_TOKENS, "hf")
 
 
@@ -242,7 +236,7 @@ def read_image(path: str, where: str = "") -> np.ndarray:
     with Image.open(path) as im:
       return np.asarray(im.convert("RGB"))
   except (OSError, ValueError, Image.DecompressionBombError) as e:  # PIL's UnidentifiedImageError is an OSError
-    raise UserError(f"{at}image {path} cannot be read ({_one_line(e)[:160]}): pass a PNG, JPEG or other image "
+    raise UserError(f"{at}image {path} cannot be read ({one_line(e)[:160]}): pass a PNG, JPEG or other image "
                     f"Pillow reads") from None
 
 
@@ -260,7 +254,7 @@ def read_questions(path: str) -> list[Question]:
     with open(path, encoding="utf-8") as f:
       lines = f.readlines()
   except (OSError, UnicodeDecodeError) as e:
-    raise UserError(f"--questions={path} cannot be read ({_one_line(e)[:160]})") from None
+    raise UserError(f"--questions={path} cannot be read ({one_line(e)[:160]})") from None
   out = []
   for n, line in enumerate(lines, 1):
     if not line.strip():
@@ -342,7 +336,7 @@ def run(args: argparse.Namespace, stdout: TextIO) -> None:
   try:
     f = open(tmp, "w", encoding="utf-8")
   except OSError as e:
-    raise UserError(f"--out={args.out} cannot be written ({_one_line(e)[:160]})") from None
+    raise UserError(f"--out={args.out} cannot be written ({one_line(e)[:160]})") from None
   try:
     with f:
       answer_questions(asker, questions, f, **kw)
@@ -358,7 +352,7 @@ def main(argv: Iterable[str] | None = None) -> int:
   try:
     run(args, sys.stdout)
   except UserError as e:
-    print("error: " + _one_line(e), file=sys.stderr, flush=True)  # one line, whatever the message
+    print("error: " + one_line(e), file=sys.stderr, flush=True)  # one line, whatever the message
     return 1
   return 0
 

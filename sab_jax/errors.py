@@ -6,6 +6,11 @@ ValueError, so code that caught ValueError before still does.
 """
 
 
+def one_line(e: BaseException) -> str:
+  """The message of `e` on one line (how every command prints a UserError), else its type's name."""
+  return " ".join(str(e).split()) or type(e).__name__
+
+
 class UserError(ValueError):
   """Bad config, data, checkpoint or export: the message names the problem and the fix."""
 

@@ -30,7 +30,7 @@ def main(argv):
     try:
       stages.run(_CONFIG.value, _WORKDIR.value)
     except errors.UserError as e:
-      print("error: " + " ".join(str(e).split()), file=sys.stderr, flush=True)  # one line, whatever the message
+      print("error: " + errors.one_line(e), file=sys.stderr, flush=True)
       sys.exit(1)
 
 

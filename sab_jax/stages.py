@@ -60,13 +60,11 @@ class Context:
       raise UserError(f"config.teacher.format={tc.format!r}: use 'orbax' (sab_jax checkpoints) or 'hf' "
                       f"(a Hugging Face LLaVA directory)")
     self.param_dtype = jnp.dtype(tc.param_dtype)
-    if self.tokenizer.vocab_size > self.model_cfg.text.vocab_size:
-      raise UserError(f"tokenizer has {self.tokenizer.vocab_size} tokens but the model's vocab_size is "
-                      f"{self.model_cfg.text.vocab_size}: raise config.model.text.vocab_size, or point "
-                      f"config.data.tokenizer at the checkpoint's own tokenizer")
-    if self.tokenizer.image_token_id != self.model_cfg.image_token_id:
-      raise UserError(f"the model's image_token_id is {self.model_cfg.image_token_id} but the tokenizer's image "
-                      f"token is {self.tokenizer.image_token_id}: the tokenizer does not belong to this model")
+    problem = tokenizer_lib.mismatch(self.tokenizer, vocab_size=self.model_cfg.text.vocab_size,
+                                     image_token_id=self.model_cfg.image_token_id)
+    if problem:
+      raise UserError(f"{problem}: point config.data.tokenizer at the checkpoint's own tokenizer (or, for a model "
+                      f"trained here, raise config.model.text.vocab_size)")
     self.builders: dict[str, Any] = {}
     self.teacher: nnx.Module | None = None
     self.calib_batches: list[dict[str, np.ndarray]] = []

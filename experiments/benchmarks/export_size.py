@@ -194,8 +194,8 @@ def hf_row(cfg: llava.LlavaConfig, export_dir: str, workdir: str, packed: Mappin
       "hf_over_fp16": info["bytes"] / packed["fp16_bytes"],
       "packed_over_fp16": packed["model_bytes"] / packed["fp16_bytes"],
       "packed_export_s": packed["export_s"], "hf_export_s": seconds,
-      "hf_read_s": info["read_s"],  # reader.read: restore, checksums, decoding every layer's parts
-      "hf_write_s": seconds - info["read_s"],  # dequantize, bf16, transpose, write (one tensor at a time)
+      "hf_read_s": info["read_s"],  # reader.read(lazy=True): restore and checks
+      "hf_write_s": seconds - info["read_s"],  # decode, dequantize, bf16, transpose, write (a layer at a time)
       "config_round_trips": hf_models.read_config(out) == cfg,
       "peak_rss_gib_so_far": _peak_rss_gib(),
   }

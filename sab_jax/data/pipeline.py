@@ -45,6 +45,19 @@ def _text(value: Any) -> str:
   return value.decode('utf-8') if isinstance(value, bytes) else str(value)
 
 
+def to_pixels(image: Any, *, image_size: int | None, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+  """uint8 image (array or encoded bytes, RGB or grey) -> float32 [H, W, 3]: resized to the
+  `image_size` square (bicubic; None: kept), scaled to [0, 1], normalised per channel."""
+  if isinstance(image, (bytes, np.bytes_)):
+    image = np.asarray(Image.open(io.BytesIO(image)).convert('RGB'))
+  image = np.asarray(image)
+  if image.ndim == 2 or image.shape[-1] == 1:
+    image = np.broadcast_to(image.reshape(image.shape[:2] + (1,)), image.shape[:2] + (3,))
+  if image_size is not None and image.shape[:2] != (image_size,) * 2:
+    image = np.asarray(Image.fromarray(np.ascontiguousarray(image)).resize((image_size, image_size), Image.BICUBIC))
+  return (image.astype(np.float32) / 255.0 - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+
+
 class Preprocess:
   """Turns one record into the fixed-shape arrays of one batch row (see module doc)."""
 
@@ -87,15 +100,7 @@ class Preprocess:
 
   def pixels(self, image: Any) -> np.ndarray:
     """uint8 image (array or encoded bytes) -> normalised float32 [H, W, 3]."""
-    if isinstance(image, (bytes, np.bytes_)):
-      image = np.asarray(Image.open(io.BytesIO(image)).convert('RGB'))
-    image = np.asarray(image)
-    if image.ndim == 2 or image.shape[-1] == 1:
-      image = np.broadcast_to(image.reshape(image.shape[:2] + (1,)), image.shape[:2] + (3,))
-    if self.image_size is not None and image.shape[:2] != (self.image_size,) * 2:
-      image = np.asarray(Image.fromarray(np.ascontiguousarray(image)).resize(
-          (self.image_size, self.image_size), Image.BICUBIC))
-    return (image.astype(np.float32) / 255.0 - self.mean) / self.std
+    return to_pixels(image, image_size=self.image_size, mean=self.mean, std=self.std)
 
   def __call__(self, record: dict[str, Any]) -> dict[str, Any]:
     answer = _text(record['answer'])

@@ -183,6 +183,17 @@ def tokenizer_path(config: Mapping[str, Any]) -> str | None:
   return data.get('tokenizer') or (teacher.get('init') if teacher.get('format') == 'hf' else None)
 
 
+def mismatch(tokenizer: Tokenizer, *, vocab_size: int, image_token_id: int) -> str | None:
+  """Why `tokenizer` is not the model's (another model's tokenizer decodes nonsense and raises
+  nothing); None when it fits."""
+  if tokenizer.vocab_size > vocab_size:
+    return f'tokenizer has {tokenizer.vocab_size} tokens but the model\'s vocab_size is {vocab_size}'
+  if tokenizer.image_token_id != image_token_id:
+    return (f'the model\'s image_token_id is {image_token_id} but the tokenizer\'s image token is '
+            f'{tokenizer.image_token_id}: the tokenizer does not belong to this model')
+  return None
+
+
 def prompt_ids(tokenizer: Tokenizer, question: str, num_image_tokens: int,
                template: str = LLAVA_PROMPT) -> list[int]:
   """The prompt for one question, image placeholder expanded to `num_image_tokens` ids.

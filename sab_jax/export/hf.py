@@ -53,9 +53,9 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
-from sab_jax.errors import UserError
+from sab_jax.errors import UserError, one_line
 from sab_jax.export import manifest as manifest_lib
-from sab_jax.export import reader
+from sab_jax.export import reader, writer
 from sab_jax.models import hf as hf_lib
 from sab_jax.models import llava, paths
 from sab_jax.quant.providers.base import dequantize
@@ -64,12 +64,16 @@ PROVENANCE = "sab_jax_export.json"
 INDEX = "model.safetensors.index.json"
 MAX_SHARD_BYTES = 5 * 10 ** 9  # transformers' default max_shard_size, "5GB"
 _BF16 = ml_dtypes.bfloat16
-_ITEMSIZE = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 # Files of a checkpoint directory that hold weights (not copied: OUT has its own).
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx", ".npz",
                     ".index.json")
 _EMBEDDING = "language_model.embed_tokens.embedding"
 _SOURCE_FIX = "pass --source=HF_DIR, the Hugging Face LLaVA directory the model was binarized from"
+
+
+def _itemsize(code: str) -> int:
+  """Bytes per element of a safetensors dtype code (the import's table, `hf.SAFETENSORS_DTYPES`)."""
+  return np.dtype(hf_lib.SAFETENSORS_DTYPES[code]).itemsize
 
 
 class Tensor(NamedTuple):
@@ -81,7 +85,7 @@ class Tensor(NamedTuple):
 
   @property
   def nbytes(self) -> int:
-    return _ITEMSIZE[self.dtype] * math.prod(self.shape)
+    return _itemsize(self.dtype) * math.prod(self.shape)
 
 
 # --- safetensors, written one tensor at a time ------------------------------------------------
@@ -104,7 +108,7 @@ def write_safetensors(path: str, tensors: Sequence[Tensor]) -> int:
     f.write(_header(tensors))
     for t in tensors:
       a = np.ascontiguousarray(t.make())
-      if tuple(a.shape) != t.shape or a.dtype.itemsize != _ITEMSIZE[t.dtype]:
+      if tuple(a.shape) != t.shape or a.dtype.itemsize != _itemsize(t.dtype):
         raise RuntimeError(f"tensor {t.name}: computed {a.dtype}{list(a.shape)}, planned {t.dtype}{list(t.shape)}")
       f.write(memoryview(a.reshape(-1).view(np.uint8)))
       del a
@@ -182,8 +186,7 @@ def _check_source_config(directory: str, src: str, manifest: Mapping[str, Any]) 
     theirs = manifest_lib.jsonable(hf_lib.read_config(src))
   except (NotImplementedError, ValueError, json.JSONDecodeError) as e:
     raise UserError(f"source checkpoint {src}: config.json is not a supported LLaVA config ({e}); {_SOURCE_FIX}") from e
-  ours, theirs = manifest_lib.flatten(manifest["model_config"]), manifest_lib.flatten(theirs)
-  diff = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
+  ours, theirs, diff = manifest_lib.differing_keys(manifest["model_config"], theirs)
   if diff:
     fields = ", ".join(f"{k} (source {theirs.get(k)}, export {ours.get(k)})" for k in diff[:6])
     raise UserError(f"source checkpoint {src} is another model than {directory}: its config.json differs in "
@@ -249,10 +252,6 @@ def _copy_files(src: str, dst: str) -> list[str]:
   return copied
 
 
-def _dir_bytes(directory: str) -> int:
-  return sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(directory) for f in files)
-
-
 def _check_out(out: str, overwrite: bool, protected: Sequence[str]) -> None:
   if os.path.exists(out) and not os.path.isdir(out):
     raise UserError(f"--out {out} is a file; choose a directory")
@@ -288,8 +287,8 @@ def export_hf(export_dir: str, out: str, *, source: str | None = None, overwrite
 
   Returns:
     {"out", "bytes" (every file of OUT), "tensor_bytes", "export_bytes" (the packed export on
-    disk), "files", "source", "names" ('source' or 'new layout'), "read_s" (`reader.read`: restore,
-    checks, decoding), "seconds" (all of it)}.
+    disk), "files", "source", "names" ('source' or 'new layout'), "read_s" (`reader.read`: restore
+    and checks; each layer is decoded later, as it is written), "seconds" (all of it)}.
 
   Raises:
     UserError: a model with no Hugging Face form, no or a mismatched source, a non-empty
@@ -357,8 +356,8 @@ def export_hf(export_dir: str, out: str, *, source: str | None = None, overwrite
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
-  return {"out": out, "bytes": _dir_bytes(out), "tensor_bytes": provenance["tensor_bytes"],
-          "export_bytes": _dir_bytes(export_dir), "files": len(os.listdir(out)), "source": src,
+  return {"out": out, "bytes": writer.dir_bytes(out), "tensor_bytes": provenance["tensor_bytes"],
+          "export_bytes": writer.dir_bytes(export_dir), "files": len(os.listdir(out)), "source": src,
           "names": provenance["names"], "read_s": read_s, "seconds": time.perf_counter() - t0}
 
 
@@ -376,7 +375,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     info = export_hf(args.export, args.out, source=args.source, overwrite=args.overwrite,
                      max_shard_bytes=args.max_shard_bytes)
   except UserError as e:
-    print("error: " + " ".join(str(e).split()), file=sys.stderr, flush=True)
+    print("error: " + one_line(e), file=sys.stderr, flush=True)
     sys.exit(1)
   print(f"wrote {info['bytes']:,} bytes to {info['out']} in {info['seconds']:.1f} s: a bf16 Hugging Face checkpoint, "
         f"as large as FP16; the packed export {os.path.abspath(args.export)} ({info['export_bytes']:,} bytes) is "

@@ -82,6 +82,12 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
   return out
 
 
+def differing_keys(a: Mapping[str, Any], b: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any], list[str]]:
+  """Two nested configs flattened, and the sorted dotted paths where they differ (or one lacks a key)."""
+  fa, fb = flatten(a), flatten(b)
+  return fa, fb, sorted(k for k in set(fa) | set(fb) if fa.get(k) != fb.get(k))
+
+
 def jsonable(x: Any) -> Any:
   """Plain JSON data (dataclasses, ConfigDicts, tuples, numpy scalars converted); raises TypeError."""
   if hasattr(x, "to_dict"):

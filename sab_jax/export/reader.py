@@ -39,8 +39,8 @@ from flax import nnx
 from sab_jax.errors import DamagedExport, UserError
 from sab_jax.export import packing
 from sab_jax.export.int8 import INT8_DTYPE, SCALE_DTYPE, dequantize_int8
-from sab_jax.export.manifest import (MANIFEST, REEXPORT, STATE, array_checksum, flatten, jsonable, nest,
-                                     provider_from_spec, read_manifest)
+from sab_jax.export.manifest import (MANIFEST, REEXPORT, STATE, array_checksum, differing_keys, flatten, jsonable,
+                                     nest, provider_from_spec, read_manifest)
 from sab_jax.models import paths
 from sab_jax.quant.providers.base import Parts, dequantize
 
@@ -159,8 +159,7 @@ def _check_config(directory: str, manifest: Mapping[str, Any], template: nnx.Mod
   template_cfg = jsonable(template.cfg) if hasattr(template, "cfg") else None
   if manifest.get("model_config") is not None and template_cfg is not None \
       and manifest["model_config"] != template_cfg:
-    mc, tc = flatten(manifest["model_config"]), flatten(template_cfg)
-    diff = sorted(k for k in set(mc) | set(tc) if mc.get(k) != tc.get(k))
+    _, _, diff = differing_keys(manifest["model_config"], template_cfg)
     raise UserError(f"{directory}: the template's config differs from the exported model's in {diff}; {_FIX}")
 
 

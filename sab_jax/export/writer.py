@@ -59,12 +59,9 @@ def _is_abstract(x: Any) -> bool:
   return isinstance(x, jax.ShapeDtypeStruct)
 
 
-def _dir_bytes(directory: str) -> int:
-  total = 0
-  for root, _, files in os.walk(directory):
-    for f in files:
-      total += os.path.getsize(os.path.join(root, f))
-  return total
+def dir_bytes(directory: str) -> int:
+  """Bytes of every file under `directory`: what an export (or a Hugging Face export) costs on disk."""
+  return sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(directory) for f in files)
 
 
 def _layer_arrays(parts: Parts) -> tuple[dict[str, np.ndarray], dict[str, dict[str, Any]]]:
@@ -253,4 +250,4 @@ def export(model: nnx.Module, layers: Mapping[str, Any], method: str, provider: 
   if jax.process_index() == 0:
     write_manifest(directory, manifest)
   distributed.barrier(f"export {directory}: written")
-  return dict(totals, model_bytes=_dir_bytes(directory), directory=directory)
+  return dict(totals, model_bytes=dir_bytes(directory), directory=directory)

@@ -34,7 +34,7 @@ from sab_jax.errors import UserError
 from sab_jax.models import clip, llama
 from sab_jax.models.llava import Llava, LlavaConfig
 
-_DTYPES = {
+SAFETENSORS_DTYPES = {  # safetensors dtype code -> numpy dtype
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
     "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
 }
@@ -63,7 +63,7 @@ class SafetensorsFile:
     self.header = header
     size = os.path.getsize(path)
     for name, h in header.items():
-      if h["dtype"] not in _DTYPES:
+      if h["dtype"] not in SAFETENSORS_DTYPES:
         raise ValueError(f"{path}: tensor {name} has unsupported dtype {h['dtype']}")
       if self.offset + h["data_offsets"][1] > size:
         raise ValueError(f"{path}: tensor {name} extends past the end of the file (truncated download?)")
@@ -79,7 +79,7 @@ class SafetensorsFile:
     h = self.header[name]
     start, end = h["data_offsets"]
     buf = self._mmap[self.offset + start: self.offset + end]
-    return buf.view(_DTYPES[h["dtype"]]).reshape(h["shape"])
+    return buf.view(SAFETENSORS_DTYPES[h["dtype"]]).reshape(h["shape"])
 
 
 def open_checkpoint(path: str) -> dict[str, SafetensorsFile]:
