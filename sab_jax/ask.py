@@ -5,13 +5,14 @@ PATH is any model sab_jax makes or reads:
     (`serve.packed.from_export`, the kernels on GPU), tokenizer and answer length from the
     pipeline config in its manifest;
   * a sab_jax teacher checkpoint such as `experiments/teacher/demo` (meta.json + params/);
-  * a Hugging Face checkpoint directory (config.json + safetensors + tokenizer.json), by
-    its `model_type` (`HF_LOADERS`: LLaVA so far).
+  * a Hugging Face checkpoint directory (config.json + safetensors + tokenizer.json) of a
+    family `models.hf` reads (LLaVA, Qwen2.5-VL).
 Each model is asked the way it was evaluated, so an answer here is the answer its accuracy
-counted: its own tokenizer, the evaluation prompt (`tokenizer.prompt_ids`; `--prompt=chat`
-gives a Hugging Face LLaVA its plain conversation turn instead), its own image preprocessing
-(the pipeline's square resize; a Hugging Face checkpoint's `preprocessor_config.json` when
-it ships one, `data.images`) and greedy decoding (`decoding.greedy_generate`).
+counted: its own tokenizer, its family's evaluation prompt (`models.families`; `--prompt=chat`
+gives a Hugging Face model its family's plain conversation turn instead), its own image
+preprocessing (the pipeline's square resize; a Hugging Face checkpoint's
+`preprocessor_config.json` when it ships one, `data.images`: CLIP's crop for LLaVA,
+Qwen2.5-VL's dynamic resolution) and greedy decoding (`decoding.greedy_generate`).
 
 `--questions=FILE.jsonl` (one {"image", "question", optional "id", ...} object per line; a
 relative image path is read from the JSONL's directory) writes each object plus "answer",
@@ -41,10 +42,10 @@ from tqdm import tqdm
 from sab_jax import export as export_lib
 from sab_jax.data import pipeline
 from sab_jax.data import tokenizer as tokenizer_lib
-from sab_jax.data.images import PREPROCESSOR_CONFIG, ClipImageProcessor
+from sab_jax.data import images as images_lib
 from sab_jax.errors import UserError, one_line
 from sab_jax.export.manifest import MANIFEST
-from sab_jax.models import decoding, hf, llava
+from sab_jax.models import decoding, families, hf
 from sab_jax.serve import packed
 from sab_jax.train import checkpointing
 
@@ -53,7 +54,7 @@ DEFAULT_MAX_NEW_TOKENS = 32
 # Prompts are left-padded to a multiple of this: one compilation serves many prompt lengths.
 PAD_MULTIPLE = 8
 MODEL_FILES = ("manifest.json (a packed export, DIR/exports/NAME), meta.json (a sab_jax teacher checkpoint such "
-               "as experiments/teacher/demo) or config.json (a Hugging Face LLaVA checkpoint)")
+               "as experiments/teacher/demo) or config.json (a Hugging Face LLaVA or Qwen2.5-VL checkpoint)")
 
 
 @dataclasses.dataclass
@@ -61,19 +62,24 @@ class Asker:
   """A loaded model and how it is asked: tokenizer, image preprocessing, answer budget."""
   model: nnx.Module
   tokenizer: tokenizer_lib.Tokenizer
-  pixels: Callable[[np.ndarray], np.ndarray]  # uint8 [H, W, 3] RGB -> float32 [h, w, 3] for the vision tower
+  # uint8 [H, W, 3] RGB -> float32 [h, w, 3] for the vision tower, or (a Qwen2.5-VL processor's
+  # dynamic resolution) `(patches [n, C*T*P*P], grid_thw [1, 3])`.
+  pixels: Callable[[np.ndarray], Any]
   max_new_tokens: int
   kind: str  # "export", "teacher" or "hf"
 
-  def prompts(self, questions: Sequence[str], prompt: str = "vqa") -> tuple[np.ndarray, np.ndarray]:
-    """Left-padded prompt ids and mask `[B, P]` (P: the longest prompt, rounded up to PAD_MULTIPLE)."""
-    if prompt not in tokenizer_lib.PROMPTS:
-      raise UserError(f"--prompt={prompt!r}: use one of {sorted(tokenizer_lib.PROMPTS)}")
+  def prompts(self, questions: Sequence[str], prompt: str = "vqa",
+              num_image_tokens: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Left-padded prompt ids and mask `[B, P]` (P: the longest prompt, rounded up to PAD_MULTIPLE);
+    `num_image_tokens` per question (default: the model's fixed count)."""
+    if prompt not in families.PROMPT_KINDS:
+      raise UserError(f"--prompt={prompt!r}: use one of {list(families.PROMPT_KINDS)}")
     if prompt != "vqa" and isinstance(self.tokenizer, tokenizer_lib.WordTokenizer):
       raise UserError(f"--prompt={prompt} is for Hugging Face tokenizers; this model's word tokenizer has one "
                       f"prompt format: drop --prompt")
-    n_img = self.model.cfg.num_image_tokens
-    rows = [tokenizer_lib.prompt_ids(self.tokenizer, q, n_img, tokenizer_lib.PROMPTS[prompt]) for q in questions]
+    counts = num_image_tokens or [self.model.cfg.num_image_tokens] * len(questions)
+    template = families.prompt_template(self.model.cfg, prompt)
+    rows = [tokenizer_lib.prompt_ids(self.tokenizer, q, n, template) for q, n in zip(questions, counts)]
     length = -(-max(map(len, rows)) // PAD_MULTIPLE) * PAD_MULTIPLE
     ids = np.full((len(rows), length), self.tokenizer.pad_id, np.int32)
     mask = np.zeros((len(rows), length), np.int32)
@@ -86,16 +92,24 @@ class Asker:
     """Greedy answers to `questions`, one image each (uint8 RGB arrays), in one generate call."""
     if len(images) != len(questions) or not questions:
       raise ValueError(f"{len(images)} images for {len(questions)} questions")
-    ids, mask = self.prompts(questions, prompt)
+    pixels = [self.pixels(im) for im in images]
+    grid, counts = None, None
+    if isinstance(pixels[0], tuple):  # dynamic resolution: transformers' patch layout, one grid per image
+      grid = tuple(tuple(int(v) for v in g) for _, gs in pixels for g in np.asarray(gs))
+      merge = self.model.cfg.vision.spatial_merge_size ** 2
+      counts = [t * h * w // merge for t, h, w in grid]
+      pixels = np.concatenate([p for p, _ in pixels])
+    else:
+      pixels = np.stack(pixels)
+    ids, mask = self.prompts(questions, prompt, counts)
     n = max_new_tokens or self.max_new_tokens
     longest, limit = int(mask.sum(1).max()), self.model.cfg.text.max_position_embeddings
     if longest + n > limit:  # positions count real tokens only (padding takes none)
       raise UserError(f"a prompt of {longest} tokens plus {n} new tokens exceeds the model's {limit} positions: "
                       f"shorten the question or lower --max_new_tokens")
-    pixels = np.stack([self.pixels(im) for im in images])
     tok = self.tokenizer
     out = decoding.greedy_generate(self.model, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(pixels),
-                                   max_new_tokens=n, eos_id=tok.eos_id, pad_id=tok.pad_id)
+                                   max_new_tokens=n, eos_id=tok.eos_id, pad_id=tok.pad_id, image_grid_thw=grid)
     return [tok.decode(row) for row in np.asarray(out)]
 
 
@@ -112,33 +126,33 @@ def _read_json(path: str, what: str) -> dict[str, Any]:
   return d
 
 
-def _tokenizer(path: str | None, where: str) -> tokenizer_lib.Tokenizer:
+def _tokenizer(path: str | None, where: str, cfg: Any) -> tokenizer_lib.Tokenizer:
   """The synthetic set's WordTokenizer (None or WORD_TOKENIZER), else a Hugging Face tokenizer at `path`."""
   if path is None or path == tokenizer_lib.WORD_TOKENIZER:
     return tokenizer_lib.WordTokenizer.for_synthetic_vqa()
   try:
-    return tokenizer_lib.HFTokenizer(path)
+    return tokenizer_lib.HFTokenizer(path, image_token=families.of(cfg).image_token)
   except Exception as e:  # the tokenizers library raises bare Exceptions for a bad file
     raise UserError(f"the tokenizer {path} ({where}) cannot be loaded ({one_line(e)[:160]}): pass "
                     f"--tokenizer=PATH (the checkpoint's tokenizer.json or its directory)") from None
 
 
-def _check_tokenizer(tok: tokenizer_lib.Tokenizer, cfg: llava.LlavaConfig, path: str) -> None:
+def _check_tokenizer(tok: tokenizer_lib.Tokenizer, cfg: Any, path: str) -> None:
   """The check `stages.Context` makes."""
   problem = tokenizer_lib.mismatch(tok, vocab_size=cfg.text.vocab_size, image_token_id=cfg.image_token_id)
   if problem:
     raise UserError(f"{path}: {problem}: pass --tokenizer=PATH to the model's own tokenizer")
 
 
-def _square_pixels(cfg: llava.LlavaConfig) -> Callable[[np.ndarray], np.ndarray]:
+def _square_pixels(cfg: Any) -> Callable[[np.ndarray], np.ndarray]:
   """The pipeline's preprocessing (square resize, CLIP mean/std): how sab_jax trains and evaluates."""
   return functools.partial(pipeline.to_pixels, image_size=cfg.vision.image_size, mean=pipeline.CLIP_MEAN,
                            std=pipeline.CLIP_STD)
 
 
-def _model_config(d: Any, path: str, where: str) -> llava.LlavaConfig:
+def _model_config(d: Any, path: str, where: str) -> Any:
   try:
-    return llava.config_from_dict(dict(d))
+    return families.config_from_dict(dict(d))
   except (TypeError, ValueError, KeyError) as e:
     raise UserError(f"{path}: {where} is not a model config ({one_line(e)[:160]})") from None
 
@@ -152,12 +166,12 @@ def load_export(path: str, *, mode: str = "auto", tokenizer: str | None = None) 
   config = manifest.get("config") if isinstance(manifest.get("config"), dict) else {}
   cfg = _model_config(manifest["model_config"], path, "the manifest's model_config")
   param_dtype = jnp.dtype((config.get("teacher") or {}).get("param_dtype") or "float32")
-  template = nnx.eval_shape(lambda: llava.Llava(cfg, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
+  template = families.abstract(cfg, param_dtype=param_dtype)
   if mode not in packed.MODES:
     raise UserError(f"--mode={mode!r}: use one of {packed.MODES}")
   model, _ = packed.from_export(path, template, mode=mode)
   tok = _tokenizer(tokenizer or tokenizer_lib.tokenizer_path(config),
-                   "--tokenizer" if tokenizer else "the export's config.data.tokenizer / config.teacher.init")
+                   "--tokenizer" if tokenizer else "the export's config.data.tokenizer / config.teacher.init", cfg)
   _check_tokenizer(tok, cfg, path)
   budget = (config.get("data") or {}).get("max_answer_len") or DEFAULT_MAX_NEW_TOKENS
   return Asker(model, tok, _square_pixels(cfg), int(budget), "export")
@@ -169,47 +183,32 @@ def load_teacher(path: str, *, tokenizer: str | None = None) -> Asker:
   if not isinstance(meta.get("model"), dict):
     raise UserError(f"{os.path.join(path, 'meta.json')} has no \"model\" config: not a sab_jax teacher checkpoint")
   cfg = _model_config(meta["model"], path, "meta.json's model")
-  model = nnx.eval_shape(lambda: llava.Llava(cfg, rngs=nnx.Rngs(0)))  # filled by the restore, never initialised
+  model = families.abstract(cfg)  # filled by the restore, never initialised
   try:
     checkpointing.load_params(path, model)
   except Exception as e:  # orbax / tensorstore raise many types for missing or damaged files
     raise UserError(f"{path}: the parameters do not restore ({one_line(e)[:200]}); the checkpoint is damaged "
                     f"or its meta.json describes another model") from None
-  tok = _tokenizer(tokenizer or meta.get("tokenizer"), "--tokenizer" if tokenizer else "meta.json's tokenizer")
+  tok = _tokenizer(tokenizer or meta.get("tokenizer"), "--tokenizer" if tokenizer else "meta.json's tokenizer", cfg)
   _check_tokenizer(tok, cfg, path)
   budget = meta.get("max_answer_len") or DEFAULT_MAX_NEW_TOKENS  # recorded by stage_teacher since issue 17
   return Asker(model, tok, _square_pixels(cfg), int(budget), "teacher")
 
 
-def _load_hf_llava(path: str, *, tokenizer: str | None = None) -> Asker:
+def load_hf(path: str, *, tokenizer: str | None = None) -> Asker:
+  """A Hugging Face checkpoint directory of any family `models.hf` reads (config.json's model_type)."""
+  config = _read_json(os.path.join(path, "config.json"), "a Hugging Face checkpoint has a config.json object")
+  if config.get("model_type") not in hf.FAMILIES:
+    raise UserError(f"{path}: config.json's model_type {config.get('model_type')!r} is not supported; sab_jax reads "
+                    f"{sorted(hf.FAMILIES)}")
   try:
     model = hf.from_pretrained(path)
   except (OSError, ValueError, NotImplementedError) as e:
-    raise UserError(f"{path}: not a LLaVA checkpoint sab_jax reads ({one_line(e)[:240]})") from None
-  tok = _tokenizer(tokenizer or path, "--tokenizer" if tokenizer else "the checkpoint's tokenizer.json")
+    raise UserError(f"{path}: not a checkpoint sab_jax reads ({one_line(e)[:240]})") from None
+  tok = _tokenizer(tokenizer or path, "--tokenizer" if tokenizer else "the checkpoint's tokenizer.json", model.cfg)
   _check_tokenizer(tok, model.cfg, path)
-  if os.path.exists(os.path.join(path, PREPROCESSOR_CONFIG)):
-    pixels = ClipImageProcessor.from_file(path)
-    crop = (pixels.crop_size["height"], pixels.crop_size["width"]) if pixels.do_center_crop else None
-    if crop is not None and crop != (model.cfg.vision.image_size,) * 2:
-      raise UserError(f"{path}: {PREPROCESSOR_CONFIG} crops to {crop}, the vision tower takes "
-                      f"{model.cfg.vision.image_size}x{model.cfg.vision.image_size} images")
-  else:
-    pixels = _square_pixels(model.cfg)
+  pixels = images_lib.processor_for(path, model.cfg) or _square_pixels(model.cfg)
   return Asker(model, tok, pixels, DEFAULT_MAX_NEW_TOKENS, "hf")
-
-
-# config.json's model_type -> loader: the one place a new model family (e.g. "qwen2_5_vl") joins.
-HF_LOADERS: dict[str, Callable[..., Asker]] = {"llava": _load_hf_llava}
-
-
-def load_hf(path: str, *, tokenizer: str | None = None) -> Asker:
-  """A Hugging Face checkpoint directory, by its config.json's model_type."""
-  config = _read_json(os.path.join(path, "config.json"), "a Hugging Face checkpoint has a config.json object")
-  kind = config.get("model_type")
-  if kind not in HF_LOADERS:
-    raise UserError(f"{path}: config.json's model_type {kind!r} is not supported; sab_jax reads {sorted(HF_LOADERS)}")
-  return HF_LOADERS[kind](path, tokenizer=tokenizer)
 
 
 def load(path: str, *, mode: str = "auto", tokenizer: str | None = None) -> Asker:
@@ -297,7 +296,8 @@ def answer_questions(asker: Asker, questions: Sequence[Question], out: TextIO, *
 
 def _parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog="python -m sab_jax.ask", description=__doc__.split("\n\n")[0])
-  p.add_argument("--model", required=True, help="a packed export, a sab_jax teacher or a Hugging Face LLaVA directory")
+  p.add_argument("--model", required=True,
+                 help="a packed export, a sab_jax teacher or a Hugging Face LLaVA / Qwen2.5-VL directory")
   p.add_argument("--image", help="the image (with --question)")
   p.add_argument("--question", help="the question about --image")
   p.add_argument("--questions", help="a JSONL file of {image, question, [id]} objects, instead of --image/--question")
@@ -306,8 +306,9 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--max_new_tokens", type=int, default=None,
                  help=f"answer budget, eos included (default: the config's data.max_answer_len, else "
                       f"{DEFAULT_MAX_NEW_TOKENS})")
-  p.add_argument("--prompt", default="vqa", choices=sorted(tokenizer_lib.PROMPTS),
-                 help="vqa: the evaluation prompt (short answers); chat: LLaVA-1.5's plain turn (Hugging Face)")
+  p.add_argument("--prompt", default="vqa", choices=families.PROMPT_KINDS,
+                 help="vqa: the evaluation prompt (short answers); chat: the family's plain turn (Hugging Face "
+                      "tokenizers)")
   p.add_argument("--mode", default="auto", choices=packed.MODES, help="how a packed export is served")
   p.add_argument("--tokenizer", help="a tokenizer.json (or its directory) instead of the model's own")
   return p

@@ -29,7 +29,7 @@ from sab_jax.data import datasets, pipeline, synthetic_vqa
 from sab_jax.data import tokenizer as tokenizer_lib
 from sab_jax.errors import MissingPrerequisite, UserError
 from sab_jax.eval import metrics, vqa
-from sab_jax.models import hf, llava
+from sab_jax.models import families, hf
 from sab_jax.quant import providers, rules as rules_lib
 from sab_jax.serve import packed
 from sab_jax.train import checkpointing, distill, train as train_lib
@@ -50,15 +50,21 @@ class Context:
       raise UserError("config.teacher.init is not set: pass --config.teacher.init=DIR (a Hugging Face LLaVA "
                       "checkpoint directory with teacher.format 'hf', a sab_jax checkpoint with 'orbax')")
     self.dataset = datasets.get(dc.name)
-    path = tokenizer_lib.tokenizer_path(config)
-    self.tokenizer = tokenizer_lib.HFTokenizer(path) if path else tokenizer_lib.WordTokenizer.for_synthetic_vqa()
     if tc.format == "hf":  # the checkpoint's config.json defines the model; config.model is not used
       self.model_cfg = hf.read_config(tc.init)
     elif tc.format == "orbax":
-      self.model_cfg = llava.config_from_dict(config.model.to_dict())
+      self.model_cfg = families.config_from_dict(config.model.to_dict())
     else:
       raise UserError(f"config.teacher.format={tc.format!r}: use 'orbax' (sab_jax checkpoints) or 'hf' "
-                      f"(a Hugging Face LLaVA directory)")
+                      f"(a Hugging Face LLaVA or Qwen2.5-VL directory)")
+    self.family = families.of(self.model_cfg)
+    try:
+      self.model_cfg = families.with_image_size(self.model_cfg, dc.get("image_size"))
+    except ValueError as e:
+      raise UserError(f"config.data.image_size={dc.image_size}: {e}; leave it unset") from None
+    path = tokenizer_lib.tokenizer_path(config)
+    self.tokenizer = (tokenizer_lib.HFTokenizer(path, image_token=self.family.image_token) if path
+                      else tokenizer_lib.WordTokenizer.for_synthetic_vqa())
     self.param_dtype = jnp.dtype(tc.param_dtype)
     problem = tokenizer_lib.mismatch(self.tokenizer, vocab_size=self.model_cfg.text.vocab_size,
                                      image_token_id=self.model_cfg.image_token_id)
@@ -80,7 +86,7 @@ class Context:
     os.replace(tmp, self.results_path)  # never leaves a half-written results.json
 
   def new_model(self, seed: int = 0) -> nnx.Module:
-    return llava.Llava(self.model_cfg, param_dtype=self.param_dtype, rngs=nnx.Rngs(seed))
+    return families.build(self.model_cfg, param_dtype=self.param_dtype, rngs=nnx.Rngs(seed))
 
   def abstract_model(self) -> nnx.Module:
     """The model's structure, shapes and dtypes without initialising any weight (a template)."""
@@ -131,6 +137,7 @@ class Context:
         image_mean=pipeline.CLIP_MEAN, image_std=pipeline.CLIP_STD, batch_size=batch_size,
         max_prompt_len=dc.max_prompt_len, max_answer_len=dc.max_answer_len, shuffle=train, seed=seed,
         num_epochs=None if train else 1, drop_remainder=train, image_size=self.model_cfg.vision.image_size,
+        prompt_template=families.prompt_template(self.model_cfg),
         question_types=self.dataset.question_types, max_records=max_records, pad_shards=not train, **extra)
 
 
@@ -189,7 +196,8 @@ def _initial_teacher(ctx: Context) -> nnx.Module:
       meta = checkpointing.load_params(tc.init, model, partial=True)
       print(f"[teacher] warm start from {tc.init}; not in it (random init): {meta['not_in_checkpoint'] or 'none'}")
     return model
-  return hf.from_pretrained(tc.init, param_dtype=ctx.param_dtype, mesh=ctx.mesh, rules=ctx.config.logical_axis_rules)
+  return hf.from_pretrained(tc.init, param_dtype=ctx.param_dtype, mesh=ctx.mesh, rules=ctx.config.logical_axis_rules,
+                            config=ctx.model_cfg)
 
 
 def stage_teacher(ctx: Context) -> None:

@@ -222,3 +222,49 @@ def test_hf_llava_answers_as_transformers_generate(tmp_path):
                                      attention_mask=torch.ones(1, len(ids), dtype=torch.long), do_sample=False,
                                      max_new_tokens=4, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
       assert answer == tok.decode(out[0, len(ids):].tolist()), (prompt, q)
+
+
+QWEN_JSON = {"image_processor_type": "Qwen2VLImageProcessor", "min_pixels": 256, "max_pixels": 4096, "patch_size": 4,
+             "temporal_patch_size": 2, "merge_size": 2, "image_mean": list(pipeline.CLIP_MEAN),
+             "image_std": list(pipeline.CLIP_STD), "resample": 3, "rescale_factor": 1 / 255, "do_resize": True,
+             "do_rescale": True, "do_normalize": True, "do_convert_rgb": True}
+
+
+def test_hf_qwen25vl_answers_as_transformers_generate(tmp_path):
+  """A Qwen2.5-VL directory (HF_LOADERS by model_type): its tokenizer and chat template, its Qwen2-VL
+  processor's dynamic resolution (two images of different sizes in one batch: different grids,
+  different numbers of image tokens), 3D positions, greedy decoding."""
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  from models.hf_fixture import save_tiny_qwen25vl
+  from models.qwen_tokenizer_fixture import save_qwen_tokenizer
+  questions = ["what color is the large circle?", "how many squares are there?"]
+  ids = save_qwen_tokenizer(tmp_path, [w for q in questions for w in q.replace("?", " ").split()])
+  info = save_tiny_qwen25vl(str(tmp_path), vocab_size=max(ids.values()) + 1, image_token_id=ids["<|image_pad|>"],
+                            vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+                            eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"])
+  (tmp_path / images.PREPROCESSOR_CONFIG).write_text(json.dumps(QWEN_JSON))
+  rng = np.random.default_rng(0)
+  pictures = [rng.integers(0, 256, (40, 57, 3), dtype=np.uint8), rng.integers(0, 256, (30, 30, 3), dtype=np.uint8)]
+  asker = ask.load(str(tmp_path))
+  assert asker.kind == "hf" and isinstance(asker.pixels, images.QwenImageProcessor)
+  tok = tokenizer_lib.HFTokenizer(tmp_path, image_token="<|image_pad|>")
+  processor = transformers.Qwen2VLImageProcessorPil.from_pretrained(str(tmp_path))
+  said = []
+  for prompt, template in (("vqa", tokenizer_lib.QWEN_VQA_PROMPT), ("chat", tokenizer_lib.QWEN_CHAT_PROMPT)):
+    ours = asker.answer(pictures, questions, prompt=prompt, max_new_tokens=4)
+    said += ours
+    for q, picture, answer in zip(questions, pictures, ours):
+      ref = processor(images=[picture], return_tensors="np")
+      grid = np.asarray(ref["image_grid_thw"])
+      prompt_ids = tokenizer_lib.prompt_ids(tok, q, int(grid.prod()) // 4, template)
+      input_ids = torch.tensor([prompt_ids])
+      with torch.no_grad():
+        out = info["model"].generate(
+            input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+            pixel_values=torch.from_numpy(np.asarray(ref["pixel_values"], np.float32)),
+            image_grid_thw=torch.from_numpy(grid), mm_token_type_ids=(input_ids == info["image_token_id"]).long(),
+            do_sample=False, max_new_tokens=4, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
+      assert answer == tok.decode(out[0, len(prompt_ids):].tolist()), (prompt, q)
+  assert any(said)  # the random model says something, so the comparison is not empty == empty
+  assert len({int(np.prod(processor(images=[p], return_tensors="np")["image_grid_thw"])) for p in pictures}) == 2

@@ -1,4 +1,4 @@
-"""Bytes written by the packed export of a LLaVA-1.5-7B-shaped model vs its FP16 size.
+"""Bytes written by the packed export of a 7B-shaped LVLM (LLaVA-1.5, Qwen2.5-VL) vs its FP16 size.
 
 No real weights are needed to count bytes: the model is built abstractly
 (`nnx.eval_shape`, nothing materialised), every binarized Dense layer gets parts with
@@ -35,7 +35,11 @@ records its bytes on disk and seconds next to the packed export's and FP16. That
 large as FP16 by design (it exists for harnesses that load Hugging Face checkpoints); it is
 written to the work directory and deleted after measuring (unless `--keep`).
 
-  python experiments/benchmarks/export_size.py [--variant llava-1.5-7b] [--configs a,b,c] [--hf]
+With `--hf --import`, the Hugging Face export is then read back by `sab_jax.models.hf.from_pretrained`
+(bf16 params, no mesh) in a child process: import seconds and that process's peak RSS.
+
+  python experiments/benchmarks/export_size.py [--variant llava-1.5-7b|qwen2.5-vl-7b|...] [--configs a,b,c]
+      [--hf [--import]]
 
 Prints a table and writes JSON (default: export_size_<variant>.json next to this file;
 export_size_<variant>_hf.json with `--hf`).
@@ -53,6 +57,8 @@ import platform
 import re
 import resource
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 import zlib
@@ -67,7 +73,7 @@ from flax import nnx
 from sab_jax import export as export_lib
 from sab_jax.export import hf as hf_export
 from sab_jax.models import hf as hf_models
-from sab_jax.models import llava, paths
+from sab_jax.models import families, paths
 from sab_jax.quant import providers, rules
 from sab_jax.quant.core import bits_core
 from sab_jax.quant.providers import base, salient_split
@@ -154,9 +160,9 @@ class SyntheticLayers(Mapping):
     return len(self.shapes)
 
 
-def abstract_model(cfg: llava.LlavaConfig) -> llava.Llava:
+def abstract_model(cfg: Any) -> nnx.Module:
   """The model with every Param a ShapeDtypeStruct (nothing allocated)."""
-  return nnx.eval_shape(lambda: llava.Llava(cfg, rngs=nnx.Rngs(0)))
+  return families.abstract(cfg)
 
 
 def fill_params(model: nnx.Module, skip: set[str], seed: int) -> int:
@@ -176,8 +182,28 @@ def _peak_rss_gib() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # ru_maxrss is KiB on Linux
 
 
-def hf_row(cfg: llava.LlavaConfig, export_dir: str, workdir: str, packed: Mapping[str, Any], *,
-           keep: bool = False) -> dict[str, Any]:
+_IMPORT = """
+import json, resource, sys, time
+import jax.numpy as jnp
+from sab_jax.models import hf
+t = time.perf_counter()
+model = hf.from_pretrained(sys.argv[1], param_dtype=jnp.bfloat16)
+seconds = time.perf_counter() - t
+print(json.dumps({"import_s": seconds, "import_peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20,
+                  "imported_type": type(model).__name__}))
+"""
+
+
+def import_row(hf_dir: str) -> dict[str, Any]:
+  """`hf.from_pretrained(hf_dir)` timed in a child process (its own peak RSS, not this one's)."""
+  proc = subprocess.run([sys.executable, "-c", _IMPORT, hf_dir], capture_output=True, text=True)
+  if proc.returncode:
+    raise RuntimeError(f"import of {hf_dir} failed:\n{proc.stderr[-3000:]}")
+  return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def hf_row(cfg: Any, export_dir: str, workdir: str, packed: Mapping[str, Any], *,
+           keep: bool = False, timed_import: bool = False) -> dict[str, Any]:
   """Writes the Hugging Face export of `export_dir` to `workdir/hf` and measures it next to `packed` (its row)."""
   source = os.path.join(workdir, "hf_source")
   os.makedirs(source, exist_ok=True)
@@ -199,6 +225,10 @@ def hf_row(cfg: llava.LlavaConfig, export_dir: str, workdir: str, packed: Mappin
       "config_round_trips": hf_models.read_config(out) == cfg,
       "peak_rss_gib_so_far": _peak_rss_gib(),
   }
+  if timed_import:
+    row.update(import_row(out))
+    print(f"[{row['config']} hf] hf.from_pretrained: {row['import_s']:.1f} s, peak RSS "
+          f"{row['import_peak_rss_gib']:.2f} GiB ({row['imported_type']})", flush=True)
   if not keep:
     shutil.rmtree(out)
   print(f"[{row['config']} hf] {row['hf_bytes'] / 1e9:.3f} GB on disk ({n_tensors} bf16 tensors) vs packed "
@@ -208,11 +238,11 @@ def hf_row(cfg: llava.LlavaConfig, export_dir: str, workdir: str, packed: Mappin
 
 
 def run(variant: str, configs: list[str], workdir: str, *, seed: int = 0, keep: bool = False,
-        provider: providers.Sab | None = None, hf: bool = False) -> dict[str, Any]:
+        provider: providers.Sab | None = None, hf: bool = False, timed_import: bool = False) -> dict[str, Any]:
   """Exports `variant` once per configuration into `workdir/<config>` (with `hf`, configuration a's
   Hugging Face export too); returns the report."""
   provider = provider or providers.Sab(structured=True)
-  cfg = llava.VARIANTS[variant]
+  cfg = families.VARIANTS[variant]
   t = time.perf_counter()
   model = abstract_model(cfg)
   params = paths.params(model)
@@ -264,7 +294,7 @@ def run(variant: str, configs: list[str], workdir: str, *, seed: int = 0, keep: 
           f"({row['reduction_pct']:.2f}% smaller), export {export_s:.1f} s, peak RSS "
           f"{row['peak_rss_gib_so_far']:.2f} GiB", flush=True)
     if hf and c == "a":
-      hf_rows.append(hf_row(cfg, directory, workdir, row, keep=keep))
+      hf_rows.append(hf_row(cfg, directory, workdir, row, keep=keep, timed_import=timed_import))
     if not keep:
       shutil.rmtree(directory)
 
@@ -302,19 +332,21 @@ def table(report: Mapping[str, Any]) -> str:
 
 
 def _default_out(variant: str, hf: bool = False) -> str:
-  tag = variant.replace("llava-1.5-", "llava").replace("-", "").replace(".", "")
+  tag = variant.replace("llava-1.5-", "llava").replace("qwen2.5-vl-", "qwen25vl").replace("-", "").replace(".", "")
   return os.path.join(os.path.dirname(os.path.abspath(__file__)), f"export_size_{tag}{'_hf' if hf else ''}.json")
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
   ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  ap.add_argument("--variant", default="llava-1.5-7b", choices=sorted(llava.VARIANTS))
+  ap.add_argument("--variant", default="llava-1.5-7b", choices=sorted(families.VARIANTS))
   ap.add_argument("--configs", default="a,b,c", help="comma-separated subset of " + ",".join(CONFIGS))
   ap.add_argument("--workdir", default=None, help="where exports are written (default: a new temp dir)")
   ap.add_argument("--keep", action="store_true", help="keep the exports")
   ap.add_argument("--seed", type=int, default=0)
   ap.add_argument("--hf", action="store_true",
                   help="also write configuration a's Hugging Face export (sab_jax.export.hf) and measure it")
+  ap.add_argument("--import", dest="timed_import", action="store_true",
+                  help="with --hf: time hf.from_pretrained of that export in a child process")
   ap.add_argument("--out", default=None,
                   help="JSON path (default: export_size_<variant>.json next to this file, _hf.json with --hf)")
   args = ap.parse_args(argv)
@@ -327,7 +359,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   workdir = args.workdir or tempfile.mkdtemp(prefix="export_size_")
   os.makedirs(workdir, exist_ok=True)
   try:
-    report = run(args.variant, configs, workdir, seed=args.seed, keep=args.keep, hf=args.hf)
+    report = run(args.variant, configs, workdir, seed=args.seed, keep=args.keep, hf=args.hf,
+                 timed_import=args.timed_import)
   finally:
     if not args.keep and args.workdir is None:
       shutil.rmtree(workdir, ignore_errors=True)

@@ -42,6 +42,9 @@ def get_config(arg=None):
   c.data.max_prompt_len = 32
   # One-word answers + eos.
   c.data.max_answer_len = 2
+  # The square size images are fed at. None: the model's (a CLIP tower's fixed size); a model with
+  # dynamic resolution (Qwen2.5-VL) may take any multiple of its patch x merge size.
+  c.data.image_size = ml_collections.config_dict.placeholder(int)
 
   # Model: a variant from sab_jax.models.llava.VARIANTS plus field overrides.
   c.model = ml_collections.ConfigDict({"variant": "demo", "vision": {}, "text": {}})

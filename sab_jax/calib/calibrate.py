@@ -25,7 +25,6 @@ from sab_jax import distributed, sharding as sharding_lib
 from sab_jax.calib import hessian
 from sab_jax.models import llama
 from sab_jax.models import paths as module_paths
-from sab_jax.models.llava import Llava
 from sab_jax.quant import rules as rules_lib
 from sab_jax.quant.providers.base import Binarized, LayerStats, Provider
 
@@ -66,18 +65,23 @@ def _run_layer(layer: nnx.Module, x, positions, mask):
 
 
 @nnx.jit
-def _run_vision(model: Llava, pixel_values):
+def _run_vision(model: nnx.Module, pixel_values):
   _, sown = nnx.capture(lambda m: m.image_features(pixel_values), nnx.Intermediate)(model)
   return _sown_inputs(sown)
 
 
 @nnx.jit
-def _embed(model: Llava, input_ids, pixel_values):
+def _embed(model: nnx.Module, input_ids, pixel_values):
   return model.embed(input_ids, pixel_values)
 
 
 @nnx.jit
-def _final_norm(model: Llava, x):
+def _positions(model: nnx.Module, input_ids, attention_mask, pixel_values):
+  return model.positions(input_ids, attention_mask, pixel_values)
+
+
+@nnx.jit
+def _final_norm(model: nnx.Module, x):
   return model.language_model.norm(x)
 
 
@@ -88,7 +92,7 @@ class LayerResult:
   relative_output_error: float      # tr(ΔᵀHΔ) / tr(WᵀHW): the layer's output error on calibration data
 
 
-def _binarize_one(model: Llava, path: str, acc: hessian.Accumulator, provider: Provider) -> LayerResult:
+def _binarize_one(model: nnx.Module, path: str, acc: hessian.Accumulator, provider: Provider) -> LayerResult:
   dense = module_paths.get(model, path)
   w = dense.kernel[...]
   stats: LayerStats = acc.stats()
@@ -104,7 +108,7 @@ def _binarize_one(model: Llava, path: str, acc: hessian.Accumulator, provider: P
   return LayerResult(out, (stats.n_text, stats.n_vis), out.error["output_rel"])
 
 
-def binarize_model(model: Llava, batches: Iterable[dict[str, Any]], provider: Provider,
+def binarize_model(model: nnx.Module, batches: Iterable[dict[str, Any]], provider: Provider,
                    rules: Sequence[rules_lib.BinarizeRule], mesh: Mesh, *, progress: bool = True
                    ) -> dict[str, LayerResult]:
   """Binarizes, in place, every Dense layer the rules select; returns per-layer results.
@@ -129,6 +133,7 @@ def binarize_model(model: Llava, batches: Iterable[dict[str, Any]], provider: Pr
     with capturing(model, vision):
       for b in batches:
         for p, x in _run_vision(model, b["pixel_values"]).items():
+          x = x.reshape((-1,) + x.shape[-2:])  # [images, tokens, in] whatever the tower's own layout
           ones = jnp.ones(x.shape[:2], jnp.float32)
           accs[p].add(x, jnp.zeros_like(ones), ones, mesh)
     for p in vision:
@@ -141,7 +146,7 @@ def binarize_model(model: Llava, batches: Iterable[dict[str, Any]], provider: Pr
     mask = b["attention_mask"]
     is_image = (b["input_ids"] == image_id) & (mask > 0)
     xs.append(_embed(model, b["input_ids"], b["pixel_values"]))
-    aux.append(dict(positions=jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0), mask=llama.causal_mask(mask),
+    aux.append(dict(positions=_positions(model, b["input_ids"], mask, b["pixel_values"]), mask=llama.causal_mask(mask),
                     text=((mask > 0) & ~is_image).astype(jnp.float32), vis=is_image.astype(jnp.float32)))
   decoder_layers = list(model.language_model.layers)
   bar = tqdm(range(len(decoder_layers)), desc="binarize decoder", disable=not progress)

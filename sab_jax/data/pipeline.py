@@ -64,8 +64,10 @@ class Preprocess:
   def __init__(self, tokenizer: tokenizer_lib.Tokenizer, *, num_image_tokens: int,
                image_mean: Sequence[float], image_std: Sequence[float],
                max_prompt_len: int, max_answer_len: int, image_size: int | None = None,
-               question_types: Sequence[str] = synthetic_vqa.QUESTION_TYPES):
+               question_types: Sequence[str] = synthetic_vqa.QUESTION_TYPES,
+               prompt_template: str = tokenizer_lib.LLAVA_PROMPT):
     self.tokenizer = tokenizer
+    self.prompt_template = prompt_template
     self.num_image_tokens = num_image_tokens
     self.mean = np.asarray(image_mean, np.float32)
     self.std = np.asarray(image_std, np.float32)
@@ -77,7 +79,7 @@ class Preprocess:
   def tokens(self, question: str, answer: str) -> dict[str, np.ndarray]:
     """input_ids / attention_mask / loss_mask / prompt_ids / prompt_mask of one example."""
     tok, lp, la = self.tokenizer, self.max_prompt_len, self.max_answer_len
-    prompt = tokenizer_lib.prompt_ids(tok, question, self.num_image_tokens)
+    prompt = tokenizer_lib.prompt_ids(tok, question, self.num_image_tokens, self.prompt_template)
     target = tok.encode(answer) + [tok.eos_id]
     if len(prompt) > lp:
       raise ValueError(
@@ -181,6 +183,7 @@ def make_dataset(
     pad_shards: bool = False,
     phases: Sequence[tuple[int, Mapping[str, float]]] = (),
     record_types: Sequence[str] | None = None,
+    prompt_template: str = tokenizer_lib.LLAVA_PROMPT,
 ) -> grain.IterDataset:
   """Batches of one process's shard of a random-access VQA source.
 
@@ -217,6 +220,8 @@ def make_dataset(
       the shard as it is.
     record_types: the question type of every record of `source` (needed with phases;
       reading them without decoding images is the caller's business).
+    prompt_template: the prompt of a Hugging Face tokenizer (`models.families.prompt_template`;
+      a WordTokenizer has one format and ignores it).
 
   Returns:
     A `grain.IterDataset` of batch dicts (see module docstring); `iter()` it, and
@@ -259,7 +264,7 @@ def make_dataset(
   ds = ds.map(Preprocess(
       tokenizer, num_image_tokens=num_image_tokens, image_mean=image_mean,
       image_std=image_std, max_prompt_len=max_prompt_len, max_answer_len=max_answer_len,
-      image_size=image_size, question_types=question_types))
+      image_size=image_size, question_types=question_types, prompt_template=prompt_template))
   if pad:
     ds = grain.MapDataset.concatenate([ds.map(_mark(1)), ds[:1].repeat(pad).map(_mark(0))])
   elif pad_shards:

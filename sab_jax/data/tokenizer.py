@@ -25,14 +25,12 @@ import tokenizers
 
 from sab_jax.data import synthetic_vqa
 
-# LLaVA-1.5's prompt for short-answer VQA benchmarks (VQAv2, GQA).
-LLAVA_PROMPT = ('USER: <image>\n{question}\nAnswer the question using a single word or '
-                'phrase. ASSISTANT:')
-# LLaVA-1.5's plain conversation turn (free-form answers), as in its model card.
-LLAVA_CHAT_PROMPT = 'USER: <image>\n{question} ASSISTANT:'
+from sab_jax.models.prompts import LLAVA_CHAT_PROMPT, LLAVA_PROMPT, QWEN_CHAT_PROMPT, QWEN_VQA_PROMPT  # noqa: F401
+
 # How a checkpoint's meta.json names the synthetic set's WordTokenizer.
 WORD_TOKENIZER = 'word:synthetic_vqa'
-# Prompt templates of HFTokenizer models by name (`python -m sab_jax.ask --prompt=NAME`).
+# LLaVA's prompt templates by kind; every family's are `models.families.FAMILIES[...].prompts`
+# (`python -m sab_jax.ask --prompt=KIND`).
 PROMPTS = {'vqa': LLAVA_PROMPT, 'chat': LLAVA_CHAT_PROMPT}
 
 _WORD_RE = re.compile(r"[a-z0-9']+|[^\sa-z0-9']")
@@ -115,7 +113,11 @@ class HFTokenizer:
   Args:
     path: a `tokenizer.json` file or a checkpoint directory that holds one (plus,
       optionally, `tokenizer_config.json` / `special_tokens_map.json`).
-    image_token: the image placeholder token string (LLaVA: '<image>').
+    image_token: the image placeholder token string (LLaVA: '<image>', Qwen2.5-VL:
+      '<|image_pad|>').
+
+  Qwen2.5-VL's tokenizer_config.json has "bos_token": null and eos '<|im_end|>': no bos is
+  added (`bos_id` None, `add_bos` False).
   """
 
   def __init__(self, path: str | os.PathLike, image_token: str = '<image>'):
@@ -136,7 +138,10 @@ class HFTokenizer:
           return self._tok.token_to_id(token)
       return None
 
-    self.bos_id = lookup('bos_token', '<s>', '<|begin_of_text|>', '<bos>')
+    # An explicit "bos_token": null (Qwen) means no bos, whatever the vocabulary holds (a BPE
+    # vocabulary may well have '<s>'); only a config without the key falls back to the usual ones.
+    self.bos_id = None if 'bos_token' in config and config['bos_token'] is None else lookup(
+        'bos_token', '<s>', '<|begin_of_text|>', '<bos>')
     self.eos_id = lookup('eos_token', '</s>', '<|end_of_text|>', '<|endoftext|>',
                          '<eos>')
     self.unk_id = lookup('unk_token', '<unk>')
@@ -201,7 +206,8 @@ def prompt_ids(tokenizer: Tokenizer, question: str, num_image_tokens: int,
   WordTokenizer: `[bos] + [image] * N + encode(question)` (`template` does not apply).
   HFTokenizer: `template` (default LLaVA-1.5's VQA prompt `USER: <image>\\n{question}\\nAnswer
   the question using a single word or phrase. ASSISTANT:`, the one every evaluation uses;
-  `PROMPTS` has others) after bos, its single `<image>` token replaced by N.
+  `models.families` has each family's) after bos (if the tokenizer adds one), its
+  single image token (`tokenizer.image_token`) replaced by N.
   """
   if isinstance(tokenizer, WordTokenizer):
     return ([tokenizer.bos_id] + [tokenizer.image_token_id] * num_image_tokens

@@ -54,7 +54,7 @@ def evaluate(model, batches: Iterable[dict[str, Any]], tokenizer, *, question_ty
   """Scores greedy answers over `batches` (pipeline batch dicts).
 
   Args:
-    model: an LVLM with the `Llava` interface.
+    model: an LVLM (`models.families`).
     batches: an iterable of batches from `sab_jax.data.pipeline.make_dataset`.
     tokenizer: decodes generated ids to text.
     question_types: names for the batches' integer `question_type`.

@@ -1,5 +1,5 @@
 """Hugging Face export of a packed export: a directory transformers loads as the original
-architecture (`LlavaForConditionalGeneration`), so any harness that evaluates Hugging Face
+architecture (`LlavaForConditionalGeneration`, `Qwen2_5_VLForConditionalGeneration`), so any harness that evaluates Hugging Face
 checkpoints evaluates the binarized model.
 
   python -m sab_jax.export.hf --export=DIR/exports/NAME --out=OUT [--source=HF_DIR]
@@ -16,8 +16,9 @@ What OUT holds:
     written under its own name, so either transformers key layout round-trips; keys that are
     not ours (e.g. `position_ids` buffers) are copied unchanged, and a tied `lm_head` gets
     the token embedding. A source with only config.json (no safetensors) gets the new-layout
-    names (`model.language_model.*`, `model.vision_tower.vision_model.*`,
-    `model.multi_modal_projector.*`, `lm_head.weight`), which transformers >= 5 reads.
+    names (`hf.hf_names`: LLaVA's `model.language_model.*`, `model.vision_tower.vision_model.*`,
+    `model.multi_modal_projector.*`, `lm_head.weight`; Qwen2.5-VL's `model.language_model.*`,
+    `model.visual.*`, `lm_head.weight`), which transformers >= 5 reads.
   * every non-weight file of the source (config.json, generation_config.json, tokenizer
     and processor files, chat template, ...), copied unchanged.
   * `sab_jax_export.json`: provenance (the export, its method and stored bits per weight,
@@ -57,7 +58,7 @@ from sab_jax.errors import UserError, one_line
 from sab_jax.export import manifest as manifest_lib
 from sab_jax.export import reader, writer
 from sab_jax.models import hf as hf_lib
-from sab_jax.models import llava, paths
+from sab_jax.models import families, paths
 from sab_jax.quant.providers.base import dequantize
 
 PROVENANCE = "sab_jax_export.json"
@@ -68,7 +69,7 @@ _BF16 = ml_dtypes.bfloat16
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx", ".npz",
                     ".index.json")
 _EMBEDDING = "language_model.embed_tokens.embedding"
-_SOURCE_FIX = "pass --source=HF_DIR, the Hugging Face LLaVA directory the model was binarized from"
+_SOURCE_FIX = "pass --source=HF_DIR, the Hugging Face checkpoint directory the model was binarized from"
 
 
 def _itemsize(code: str) -> int:
@@ -148,12 +149,12 @@ def _write_weights(directory: str, tensors: Sequence[Tensor], max_bytes: int) ->
 
 # --- what goes into OUT ------------------------------------------------------------------------
 
-def _model_config(directory: str, manifest: Mapping[str, Any]) -> llava.LlavaConfig:
+def _model_config(directory: str, manifest: Mapping[str, Any]) -> Any:
   mc = manifest.get("model_config")
   if mc is None:
-    raise UserError(f"{directory}: the manifest has no model_config (not a LLaVA export); only exports of sab_jax "
-                    f"LLaVA models have a Hugging Face form")
-  cfg = llava.config_from_dict(mc)
+    raise UserError(f"{directory}: the manifest has no model_config (not an export of a sab_jax model); only exports "
+                    f"of sab_jax LVLMs have a Hugging Face form")
+  cfg = families.config_from_dict(mc)
   hf_lib.check_hf_architecture(cfg)
   return cfg
 
@@ -183,9 +184,14 @@ def _source_dir(directory: str, manifest: Mapping[str, Any], source: str | None)
 def _check_source_config(directory: str, src: str, manifest: Mapping[str, Any]) -> None:
   """The source's config.json must describe the exported model (else its names, shapes and tokenizer do not fit)."""
   try:
-    theirs = manifest_lib.jsonable(hf_lib.read_config(src))
+    theirs = hf_lib.read_config(src)
   except (NotImplementedError, ValueError, json.JSONDecodeError) as e:
-    raise UserError(f"source checkpoint {src}: config.json is not a supported LLaVA config ({e}); {_SOURCE_FIX}") from e
+    raise UserError(f"source checkpoint {src}: config.json is not a supported config ({e}); {_SOURCE_FIX}") from e
+  try:  # the square size a dynamic-resolution model was fed is the pipeline's choice, not the checkpoint's
+    theirs = families.with_image_size(theirs, families.config_from_dict(manifest["model_config"]).vision.image_size)
+  except ValueError:
+    pass  # a fixed-size tower: the comparison below names the difference
+  theirs = manifest_lib.jsonable(theirs)
   ours, theirs, diff = manifest_lib.differing_keys(manifest["model_config"], theirs)
   if diff:
     fields = ", ".join(f"{k} (source {theirs.get(k)}, export {ours.get(k)})" for k in diff[:6])
@@ -197,7 +203,7 @@ def _has_safetensors(src: str) -> bool:
   return any(f.endswith(".safetensors") or f == INDEX for f in os.listdir(src))
 
 
-def _plan(src: str, cfg: llava.LlavaConfig, shapes: Mapping[str, tuple[int, ...]],
+def _plan(src: str, cfg: Any, shapes: Mapping[str, tuple[int, ...]],
           value: Callable[[str | None, str], np.ndarray]) -> tuple[list[Tensor], list[str]]:
   """The tensors of OUT in the source's names and order; returns (tensors, source keys copied unchanged).
 
@@ -214,7 +220,7 @@ def _plan(src: str, cfg: llava.LlavaConfig, shapes: Mapping[str, tuple[int, ...]
   tied = cfg.text.tie_word_embeddings
   tensors, copied, used, unexpected, misshaped = [], [], set(), [], []
   for key, st in source.items():
-    mapped = hf_lib.map_key(key)
+    mapped = hf_lib.map_key(key, cfg)
     if mapped is None:  # not ours: copied as the source has it
       tensors.append(Tensor(key, st.header[key]["dtype"], st.shape(key), lambda key=key, st=st: st.get(key)))
       copied.append(key)
@@ -304,7 +310,7 @@ def export_hf(export_dir: str, out: str, *, source: str | None = None, overwrite
   if max_shard_bytes <= 0:
     raise UserError(f"--max_shard_bytes must be positive, got {max_shard_bytes}")
 
-  template = nnx.eval_shape(lambda: llava.Llava(cfg, rngs=nnx.Rngs(0)))
+  template = families.abstract(cfg)
   shapes = {p: tuple(v.get_value().shape) for p, v in paths.params(template).items()}
   layers: Mapping[str, Any] = {}  # the export's, read below once the source's names are planned
   params: dict[str, np.ndarray] = {}

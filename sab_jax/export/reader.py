@@ -302,7 +302,7 @@ def read(directory: str, model_template: nnx.Module, *, lazy: bool = False
 
   Only the template's structure and shapes are used (it may be abstract, e.g. from
   `nnx.eval_shape`) and it is not modified. Build it from the same model config, e.g.
-  `llava.config_from_dict(manifest["model_config"])`.
+  `families.config_from_dict(manifest["model_config"])`.
 
   Args:
     directory: the export directory.
@@ -351,7 +351,7 @@ def load(directory: str, model_template: nnx.Module) -> tuple[nnx.Module, dict[s
   Args:
     directory: the export directory.
     model_template: gives the structure (build it from the same model config, e.g.
-      `llava.config_from_dict(manifest["model_config"])`) and the param dtype and sharding.
+      `families.config_from_dict(manifest["model_config"])`) and the param dtype and sharding.
 
   Returns:
     (model, manifest).

@@ -10,7 +10,7 @@ prefix.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -56,32 +56,54 @@ def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
   """
   d = x.shape[-1]
   inv_freq = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
-  freqs = positions.astype(jnp.float32)[..., None] * inv_freq          # [B, T, D/2]
-  emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]        # [B, T, 1, D]
+  return apply_rope(x, positions.astype(jnp.float32)[..., None] * inv_freq)  # angles [B, T, D/2]
+
+
+def apply_rope(x: jax.Array, angles: jax.Array) -> jax.Array:
+  """Rotates `x` `[B, T, H, D]` by `angles` `[B, T, D/2]` (rotate-half convention, float32 math).
+
+  Split from `rope` so models whose angles are not `position * inv_freq` of one position
+  (Qwen2.5-VL's multimodal rotary embedding) rotate exactly the same way.
+  """
+  d = x.shape[-1]
+  emb = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]      # [B, T, 1, D]
   x32 = x.astype(jnp.float32)
   rotated = jnp.concatenate([-x32[..., d // 2:], x32[..., : d // 2]], axis=-1)
   return (x32 * jnp.cos(emb) + rotated * jnp.sin(emb)).astype(x.dtype)
 
 
 class Attention(nnx.Module):
-  def __init__(self, cfg: TextConfig, *, dense: layers.DenseFactory, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
+  """Grouped-query self-attention with rotary positions and an optional KV cache.
+
+  `qkv_bias` / `o_bias` (default: `cfg.attention_bias` for all four) let decoders with bias on
+  q/k/v only (Qwen2) reuse it; subclasses override `rotate` for other rotary embeddings.
+  """
+
+  def __init__(self, cfg: TextConfig, *, dense: layers.DenseFactory, dtype: Any, param_dtype: Any, rngs: nnx.Rngs,
+               qkv_bias: bool | None = None, o_bias: bool | None = None):
     self.cfg = cfg
     h, k, d, e = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.resolved_head_dim, cfg.hidden_size
     if h % k:
       raise ValueError(f"num_attention_heads={h} is not a multiple of num_key_value_heads={k}")
-    kw = dict(use_bias=cfg.attention_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.q_proj = dense(e, h * d, axes=("embed", "heads"), **kw)
-    self.k_proj = dense(e, k * d, axes=("embed", "kv_heads"), **kw)
-    self.v_proj = dense(e, k * d, axes=("embed", "kv_heads"), **kw)
-    self.o_proj = dense(h * d, e, axes=("heads", "embed"), **kw)
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    qkv_bias = cfg.attention_bias if qkv_bias is None else qkv_bias
+    o_bias = cfg.attention_bias if o_bias is None else o_bias
+    self.q_proj = dense(e, h * d, use_bias=qkv_bias, axes=("embed", "heads"), **kw)
+    self.k_proj = dense(e, k * d, use_bias=qkv_bias, axes=("embed", "kv_heads"), **kw)
+    self.v_proj = dense(e, k * d, use_bias=qkv_bias, axes=("embed", "kv_heads"), **kw)
+    self.o_proj = dense(h * d, e, use_bias=o_bias, axes=("heads", "embed"), **kw)
+
+  def rotate(self, x: jax.Array, positions: jax.Array) -> jax.Array:
+    """Rotary embedding of q or k `[B, T, H, D]` at `positions`."""
+    return rope(x, positions, self.cfg.rope_theta)
 
   def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array,
                cache: Cache | None, cache_index: jax.Array | None) -> tuple[jax.Array, Cache | None]:
     b, t, _ = x.shape
     cfg = self.cfg
     d = cfg.resolved_head_dim
-    q = rope(self.q_proj(x).reshape(b, t, cfg.num_attention_heads, d), positions, cfg.rope_theta)
-    k = rope(self.k_proj(x).reshape(b, t, cfg.num_key_value_heads, d), positions, cfg.rope_theta)
+    q = self.rotate(self.q_proj(x).reshape(b, t, cfg.num_attention_heads, d), positions)
+    k = self.rotate(self.k_proj(x).reshape(b, t, cfg.num_key_value_heads, d), positions)
     v = self.v_proj(x).reshape(b, t, cfg.num_key_value_heads, d)
     if cache is not None:
       start = (0, cache_index, 0, 0)
@@ -105,10 +127,11 @@ class MLP(nnx.Module):
 
 
 class DecoderLayer(nnx.Module):
-  def __init__(self, cfg: TextConfig, *, dense: layers.DenseFactory, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
+  def __init__(self, cfg: TextConfig, *, dense: layers.DenseFactory, dtype: Any, param_dtype: Any, rngs: nnx.Rngs,
+               attention: Callable[..., Attention] = Attention):
     norm = dict(eps=cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.input_layernorm = layers.RMSNorm(cfg.hidden_size, **norm)
-    self.self_attn = Attention(cfg, dense=dense, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.self_attn = attention(cfg, dense=dense, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.post_attention_layernorm = layers.RMSNorm(cfg.hidden_size, **norm)
     self.mlp = MLP(cfg, dense=dense, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
@@ -119,14 +142,20 @@ class DecoderLayer(nnx.Module):
 
 
 class Decoder(nnx.Module):
-  """Token embedding, decoder layers and final norm (transformers' `LlamaModel`)."""
+  """Token embedding, decoder layers and final norm (transformers' `LlamaModel`).
+
+  `attention` builds each layer's self-attention (another rotary embedding or bias layout,
+  e.g. Qwen2.5-VL's); the param paths stay those of the Llama decoder.
+  """
 
   def __init__(self, cfg: TextConfig, *, dense: layers.DenseFactory = layers.Dense,
-               dtype: Any = jnp.float32, param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
+               dtype: Any = jnp.float32, param_dtype: Any = jnp.float32, rngs: nnx.Rngs,
+               attention: Callable[..., Attention] = Attention):
     self.cfg = cfg
     self.embed_tokens = layers.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
                                      stddev=cfg.initializer_range)
-    self.layers = nnx.List([DecoderLayer(cfg, dense=dense, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.layers = nnx.List([DecoderLayer(cfg, dense=dense, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+                                         attention=attention)
                             for _ in range(cfg.num_hidden_layers)])
     self.norm = layers.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
@@ -138,7 +167,8 @@ class Decoder(nnx.Module):
     Args:
       x: `[B, T, E]` input embeddings.
       attention_mask: `[B, T]` 1 for real tokens, 0 for padding.
-      positions: `[B, T]` rotary positions.
+      positions: `[B, T]` rotary positions (or whatever the layers' `attention.rotate` takes,
+        e.g. Qwen2.5-VL's `[3, B, T]`).
       cache: per-layer `{"k", "v"}` of `[B, S, K, D]`, or None for a cache-free pass.
       cache_index: column of the cache where `x`'s first token is written.
       cache_mask: `[B, S]` which cache columns hold real tokens (incl. the new ones).

@@ -182,13 +182,21 @@ class Llava(nnx.Module):
       return self.language_model.embed_tokens.attend(hidden)
     return self.lm_head(hidden)
 
+  def positions(self, input_ids: jax.Array, attention_mask: jax.Array, pixel_values: jax.Array | None = None,
+                image_grid_thw: Any = None) -> jax.Array:
+    """int32 `[B, T]` rotary positions: the running count of attended tokens, so left padding never
+    shifts real tokens (the same signature as Qwen2.5-VL's 3D positions, for shared callers)."""
+    if image_grid_thw is not None:
+      raise ValueError("LLaVA takes NHWC pixel_values of one size; image_grid_thw is for Qwen2.5-VL")
+    return jnp.maximum(jnp.cumsum(attention_mask, axis=-1) - 1, 0).astype(jnp.int32)
+
   # --- forward passes ---------------------------------------------------------
   def forward(self, input_ids: jax.Array, pixel_values: jax.Array | None = None,
               attention_mask: jax.Array | None = None) -> tuple[jax.Array, dict[str, Any]]:
     """Logits plus named intermediates (`hidden`, `layer_inputs`) for distillation and calibration."""
     if attention_mask is None:
       attention_mask = jnp.ones(input_ids.shape, jnp.int32)
-    positions = jnp.maximum(jnp.cumsum(attention_mask, axis=-1) - 1, 0)
+    positions = self.positions(input_ids, attention_mask, pixel_values)
     x = self.embed(input_ids, pixel_values)
     hidden, inputs, _ = self.language_model(x, attention_mask, positions)
     return self.logits(hidden), {"hidden": hidden, "layer_inputs": inputs}

@@ -110,7 +110,7 @@ def test_benchmark_runs_on_the_test_variant(tmp_path):
   assert json.loads(out.read_text()) == json.loads(json.dumps(report))
   rows = {r["config"]: r for r in report["rows"]}
   assert list(rows) == ["a", "b", "c"]
-  model = export_size.abstract_model(export_size.llava.VARIANTS["test"])
+  model = export_size.abstract_model(export_size.families.VARIANTS["test"])
   n_params = sum(int(np.prod(v.get_value().shape)) for v in paths.params(model).values())
   assert report["total_params"] == n_params
   for c, r in rows.items():
