@@ -35,11 +35,14 @@ records its bytes on disk and seconds next to the packed export's and FP16. That
 large as FP16 by design (it exists for harnesses that load Hugging Face checkpoints); it is
 written to the work directory and deleted after measuring (unless `--keep`).
 
-With `--hf --import`, the Hugging Face export is then read back by `sab_jax.models.hf.from_pretrained`
-(bf16 params, no mesh) in a child process: import seconds and that process's peak RSS.
+`--time_import=HF_DIR` (a run of its own, after `--hf --keep --workdir=W` left `W/hf`): reads the
+Hugging Face checkpoint back with `sab_jax.models.hf.from_pretrained` (bf16 params, no mesh) and adds
+its seconds and this process's peak RSS to the JSON `--out` names (a fresh process, so the RSS is
+the import's alone; the export run holds ~11 GiB of its own at 7B).
 
   python experiments/benchmarks/export_size.py [--variant llava-1.5-7b|qwen2.5-vl-7b|...] [--configs a,b,c]
-      [--hf [--import]]
+      [--hf] [--keep --workdir=W]
+  python experiments/benchmarks/export_size.py --time_import=W/hf --out=export_size_<variant>_hf.json
 
 Prints a table and writes JSON (default: export_size_<variant>.json next to this file;
 export_size_<variant>_hf.json with `--hf`).
@@ -57,8 +60,6 @@ import platform
 import re
 import resource
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 import zlib
@@ -182,28 +183,18 @@ def _peak_rss_gib() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # ru_maxrss is KiB on Linux
 
 
-_IMPORT = """
-import json, resource, sys, time
-import jax.numpy as jnp
-from sab_jax.models import hf
-t = time.perf_counter()
-model = hf.from_pretrained(sys.argv[1], param_dtype=jnp.bfloat16)
-seconds = time.perf_counter() - t
-print(json.dumps({"import_s": seconds, "import_peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20,
-                  "imported_type": type(model).__name__}))
-"""
-
-
-def import_row(hf_dir: str) -> dict[str, Any]:
-  """`hf.from_pretrained(hf_dir)` timed in a child process (its own peak RSS, not this one's)."""
-  proc = subprocess.run([sys.executable, "-c", _IMPORT, hf_dir], capture_output=True, text=True)
-  if proc.returncode:
-    raise RuntimeError(f"import of {hf_dir} failed:\n{proc.stderr[-3000:]}")
-  return json.loads(proc.stdout.strip().splitlines()[-1])
+def time_import(hf_dir: str) -> dict[str, Any]:
+  """`hf.from_pretrained(hf_dir)` (bf16 params, no mesh): seconds and this process's peak RSS."""
+  t = time.perf_counter()
+  model = hf_models.from_pretrained(hf_dir, param_dtype=jnp.bfloat16)
+  seconds = time.perf_counter() - t
+  n = sum(math.prod(v.get_value().shape) for v in paths.params(model).values())
+  return {"import_s": seconds, "import_peak_rss_gib": _peak_rss_gib(), "imported_type": type(model).__name__,
+          "imported_params": n, "imported_from": hf_dir}
 
 
 def hf_row(cfg: Any, export_dir: str, workdir: str, packed: Mapping[str, Any], *,
-           keep: bool = False, timed_import: bool = False) -> dict[str, Any]:
+           keep: bool = False) -> dict[str, Any]:
   """Writes the Hugging Face export of `export_dir` to `workdir/hf` and measures it next to `packed` (its row)."""
   source = os.path.join(workdir, "hf_source")
   os.makedirs(source, exist_ok=True)
@@ -225,10 +216,6 @@ def hf_row(cfg: Any, export_dir: str, workdir: str, packed: Mapping[str, Any], *
       "config_round_trips": hf_models.read_config(out) == cfg,
       "peak_rss_gib_so_far": _peak_rss_gib(),
   }
-  if timed_import:
-    row.update(import_row(out))
-    print(f"[{row['config']} hf] hf.from_pretrained: {row['import_s']:.1f} s, peak RSS "
-          f"{row['import_peak_rss_gib']:.2f} GiB ({row['imported_type']})", flush=True)
   if not keep:
     shutil.rmtree(out)
   print(f"[{row['config']} hf] {row['hf_bytes'] / 1e9:.3f} GB on disk ({n_tensors} bf16 tensors) vs packed "
@@ -238,7 +225,7 @@ def hf_row(cfg: Any, export_dir: str, workdir: str, packed: Mapping[str, Any], *
 
 
 def run(variant: str, configs: list[str], workdir: str, *, seed: int = 0, keep: bool = False,
-        provider: providers.Sab | None = None, hf: bool = False, timed_import: bool = False) -> dict[str, Any]:
+        provider: providers.Sab | None = None, hf: bool = False) -> dict[str, Any]:
   """Exports `variant` once per configuration into `workdir/<config>` (with `hf`, configuration a's
   Hugging Face export too); returns the report."""
   provider = provider or providers.Sab(structured=True)
@@ -294,7 +281,7 @@ def run(variant: str, configs: list[str], workdir: str, *, seed: int = 0, keep: 
           f"({row['reduction_pct']:.2f}% smaller), export {export_s:.1f} s, peak RSS "
           f"{row['peak_rss_gib_so_far']:.2f} GiB", flush=True)
     if hf and c == "a":
-      hf_rows.append(hf_row(cfg, directory, workdir, row, keep=keep, timed_import=timed_import))
+      hf_rows.append(hf_row(cfg, directory, workdir, row, keep=keep))
     if not keep:
       shutil.rmtree(directory)
 
@@ -345,11 +332,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   ap.add_argument("--seed", type=int, default=0)
   ap.add_argument("--hf", action="store_true",
                   help="also write configuration a's Hugging Face export (sab_jax.export.hf) and measure it")
-  ap.add_argument("--import", dest="timed_import", action="store_true",
-                  help="with --hf: time hf.from_pretrained of that export in a child process")
+  ap.add_argument("--time_import", default=None, metavar="HF_DIR",
+                  help="only time hf.from_pretrained(HF_DIR) and add it to the JSON --out names")
   ap.add_argument("--out", default=None,
                   help="JSON path (default: export_size_<variant>.json next to this file, _hf.json with --hf)")
   args = ap.parse_args(argv)
+  if args.time_import:
+    if not args.out or not os.path.exists(args.out):
+      ap.error("--time_import adds to an existing report: pass --out=THE_JSON of the --hf run")
+    with open(args.out) as f:
+      report = json.load(f)
+    report["import"] = time_import(args.time_import)
+    with open(args.out, "w") as f:
+      json.dump(report, f, indent=1)
+    print(json.dumps(report["import"], indent=1))
+    return report
   configs = args.configs.split(",")
   unknown = [c for c in configs if c not in CONFIGS]
   if unknown:
@@ -359,8 +356,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   workdir = args.workdir or tempfile.mkdtemp(prefix="export_size_")
   os.makedirs(workdir, exist_ok=True)
   try:
-    report = run(args.variant, configs, workdir, seed=args.seed, keep=args.keep, hf=args.hf,
-                 timed_import=args.timed_import)
+    report = run(args.variant, configs, workdir, seed=args.seed, keep=args.keep, hf=args.hf)
   finally:
     if not args.keep and args.workdir is None:
       shutil.rmtree(workdir, ignore_errors=True)

@@ -52,7 +52,6 @@ from typing import Any, Callable, Mapping, NamedTuple, Sequence
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
-from flax import nnx
 
 from sab_jax.errors import UserError, one_line
 from sab_jax.export import manifest as manifest_lib

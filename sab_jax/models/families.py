@@ -4,9 +4,10 @@ A family is a model class with the LVLM interface the stages use (`embed`, `posi
 `forward`, `decode_step`, `logits`, `image_features`; `cfg.text`, `cfg.image_token_id`,
 `cfg.num_image_tokens`, `cfg.vision.image_size`), how its config is rebuilt from a plain dict
 (an ml_collections `config.model`, a manifest's `model_config`, a teacher's meta.json), the
-token its tokenizer marks image positions with and its prompt templates. The Hugging Face
-side (config.json, tensor names) is `models.hf`'s per-family spec; the image processor a
-checkpoint ships is `data.images.processor_for`'s.
+token its tokenizer marks image positions with and its prompt templates. Its checkpoint
+side (config type, model class, config.json, tensor names) is `models.hf`'s per-family spec,
+which each family here holds; the image processor a checkpoint ships is
+`data.images.processor_for`'s.
 
 A config dict names its family with a `family` key (Qwen2.5-VL's configs carry one); a dict
 without one is LLaVA's (every config written before there were two families).
@@ -19,15 +20,12 @@ from typing import Any, Callable, Mapping
 
 from flax import nnx
 
-from sab_jax.models import prompts
-from sab_jax.models import llava, qwen25vl
+from sab_jax.models import hf, llava, prompts, qwen25vl
 
 
 @dataclasses.dataclass(frozen=True)
 class Family:
-  name: str
-  config_type: type
-  model: Callable[..., nnx.Module]               # (cfg, *, dense, dtype, param_dtype, rngs)
+  checkpoint: hf.Family                          # config type, model class, Hugging Face config and names
   config_from_dict: Callable[[dict[str, Any]], Any]
   image_token: str                               # the tokenizer's image placeholder
   prompts: Mapping[str, str]                     # prompt kind ('vqa', 'chat') -> template
@@ -35,14 +33,25 @@ class Family:
   # square size the pipeline feeds); False: a fixed-size tower (CLIP).
   dynamic_resolution: bool = False
 
+  @property
+  def name(self) -> str:  # config.json's model_type, and a config dict's `family`
+    return self.checkpoint.model_type
 
-FAMILIES: dict[str, Family] = {
-    "llava": Family("llava", llava.LlavaConfig, llava.Llava, llava.config_from_dict, "<image>",
-                    {"vqa": prompts.LLAVA_PROMPT, "chat": prompts.LLAVA_CHAT_PROMPT}),
-    "qwen2_5_vl": Family("qwen2_5_vl", qwen25vl.Qwen25VLConfig, qwen25vl.Qwen25VL, qwen25vl.config_from_dict,
-                         "<|image_pad|>", {"vqa": prompts.QWEN_VQA_PROMPT,
-                                           "chat": prompts.QWEN_CHAT_PROMPT}, dynamic_resolution=True),
-}
+  @property
+  def config_type(self) -> type:
+    return self.checkpoint.config_type
+
+  @property
+  def model(self) -> Callable[..., nnx.Module]:  # (cfg, *, dense, dtype, param_dtype, rngs)
+    return self.checkpoint.model
+
+
+FAMILIES: dict[str, Family] = {f.name: f for f in (
+    Family(hf.LLAVA, llava.config_from_dict, "<image>",
+           {"vqa": prompts.LLAVA_PROMPT, "chat": prompts.LLAVA_CHAT_PROMPT}),
+    Family(hf.QWEN2_5_VL, qwen25vl.config_from_dict, "<|image_pad|>",
+           {"vqa": prompts.QWEN_VQA_PROMPT, "chat": prompts.QWEN_CHAT_PROMPT}, dynamic_resolution=True),
+)}
 PROMPT_KINDS = ("vqa", "chat")
 # Every family's published and test shapes by name (`llava.VARIANTS`, `qwen25vl.VARIANTS`).
 VARIANTS: dict[str, Any] = {**llava.VARIANTS, **qwen25vl.VARIANTS}

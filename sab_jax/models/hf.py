@@ -279,6 +279,20 @@ def _clip_patch_to_hf(w: np.ndarray, cfg: LlavaConfig) -> np.ndarray:
 _clip_patch = _Transform(lambda w: w.transpose(2, 3, 1, 0).reshape(-1, w.shape[0]),  # Conv2d -> Dense on patches
                          _clip_patch_to_hf)
 
+# The Llama-style decoder (LLaVA's Llama, Qwen2.5-VL's Qwen2) and head, in canonical names. A bias the
+# model does not have (Qwen2's o_proj; LLaVA's without attention_bias) maps to no param: reported unexpected.
+_DECODER_RULES = (
+    (r"language_model\.embed_tokens\.weight", "language_model.embed_tokens.embedding", _same),
+    (r"language_model\.norm\.weight", "language_model.norm.scale", _same),
+    (r"language_model\.layers\.(\d+)\.(input_layernorm|post_attention_layernorm)\.weight",
+     r"language_model.layers.\1.\2.scale", _same),
+    (r"language_model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+_proj)\.weight",
+     r"language_model.layers.\1.\2.\3.kernel", _linear),
+    (r"language_model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+_proj)\.bias", r"language_model.layers.\1.\2.\3.bias",
+     _same),
+    (r"lm_head\.weight", "lm_head.kernel", _linear),
+)
+
 LLAVA = Family(
     model_type="llava", title="LLaVA", architecture="LlavaForConditionalGeneration", config_type=LlavaConfig,
     model=Llava, read=_llava_config_from_hf, write=_llava_config_to_hf, check=_llava_check,
@@ -287,15 +301,7 @@ LLAVA = Family(
                         ("vision_tower.vision_model.", "vision_tower."),
                         ("model.multi_modal_projector.", "multi_modal_projector.")),
     rules=(
-        (r"language_model\.embed_tokens\.weight", "language_model.embed_tokens.embedding", _same),
-        (r"language_model\.norm\.weight", "language_model.norm.scale", _same),
-        (r"language_model\.layers\.(\d+)\.(input_layernorm|post_attention_layernorm)\.weight",
-         r"language_model.layers.\1.\2.scale", _same),
-        (r"language_model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+_proj)\.weight",
-         r"language_model.layers.\1.\2.\3.kernel", _linear),
-        (r"language_model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+_proj)\.bias", r"language_model.layers.\1.\2.\3.bias",
-         _same),
-        (r"lm_head\.weight", "lm_head.kernel", _linear),
+        *_DECODER_RULES,
         (r"vision_tower\.embeddings\.class_embedding", "vision_tower.class_embedding", _same),
         (r"vision_tower\.embeddings\.patch_embedding\.weight", "vision_tower.patch_embedding.kernel", _clip_patch),
         (r"vision_tower\.embeddings\.position_embedding\.weight", "vision_tower.position_embedding", _same),
@@ -419,15 +425,7 @@ QWEN2_5_VL = Family(
     canonical_prefixes=(("model.language_model.", "language_model."), ("model.visual.", "visual."),
                         ("model.", "language_model.")),
     rules=(
-        (r"language_model\.embed_tokens\.weight", "language_model.embed_tokens.embedding", _same),
-        (r"language_model\.norm\.weight", "language_model.norm.scale", _same),
-        (r"language_model\.layers\.(\d+)\.(input_layernorm|post_attention_layernorm)\.weight",
-         r"language_model.layers.\1.\2.scale", _same),
-        (r"language_model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+_proj)\.weight",
-         r"language_model.layers.\1.\2.\3.kernel", _linear),
-        (r"language_model\.layers\.(\d+)\.self_attn\.([qkv]_proj)\.bias", r"language_model.layers.\1.self_attn.\2.bias",
-         _same),
-        (r"lm_head\.weight", "lm_head.kernel", _linear),
+        *_DECODER_RULES,
         (r"visual\.patch_embed\.proj\.weight", "vision_tower.patch_embed.kernel", _conv3d_patch),
         (r"visual\.blocks\.(\d+)\.(norm\d)\.weight", r"vision_tower.blocks.\1.\2.scale", _same),
         (r"visual\.blocks\.(\d+)\.(attn\.qkv|attn\.proj|mlp\.\w+_proj)\.weight", r"vision_tower.blocks.\1.\2.kernel",

@@ -11,16 +11,14 @@ template, left padding, image resizing).
 import json
 import os
 import re
-import subprocess
-import sys
 
 import pytest
 
 from data.vqa_fixture import make_vqav2
+from integration.pod_fixture import REPO, check_hf_export, predictions, run_pipeline, vqav2_texts
 from models.hf_fixture import LLAVA_PROMPT_WORDS, save_tiny_llava, save_word_tokenizer
 from sab_jax import config_utils
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIG = os.path.join(REPO, "experiments", "configs", "llava7b_pod.py") + ":runlocal"
 LOCAL = config_utils.load_config(CONFIG)  # the sizes the pipeline runs with
 
@@ -29,11 +27,7 @@ def _fixture(root):
   """VQAv2 files under root/manual and a tiny LLaVA (with a tokenizer covering them) in root/llava."""
   manual, ckpt = root / "manual", root / "llava"
   make_vqav2(manual)
-  texts = list(LLAVA_PROMPT_WORDS)
-  for f in manual.glob("*.json"):
-    d = json.loads(f.read_text())
-    texts += [q["question"] for q in d.get("questions", [])]
-    texts += [a["answer"] for r in d.get("annotations", []) for a in r["answers"]]
+  texts = list(LLAVA_PROMPT_WORDS) + vqav2_texts(manual)
   words = [w for t in texts for w in re.findall(r"\w+|[^\w\s]+", t)]  # the Whitespace pre-tokenizer's split
   ckpt.mkdir()
   vocab = save_word_tokenizer(ckpt, words)
@@ -42,10 +36,7 @@ def _fixture(root):
 
 
 def _run(root, *overrides, workdir="wd"):
-  args = [sys.executable, "-m", "sab_jax.main", f"--config={CONFIG}", f"--workdir={root / workdir}",
-          f"--config.data.data_dir={root / 'tfds'}", *overrides]
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-  return subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
+  return run_pipeline(CONFIG, root, *overrides, workdir=workdir)
 
 
 def _transformers_answers(model, info, ckpt, source):
@@ -98,22 +89,15 @@ def test_pod_config_runs_end_to_end_from_a_hf_checkpoint(tmp_path):
   # The pipeline's full-precision answers are transformers' greedy answers.
   from sab_jax.data import datasets, vqav2
   source = datasets.load("vqav2", "res336", str(tmp_path / "tfds")).as_data_source()["validation"]
-  rows = [json.loads(line) for line in (tmp_path / "wd" / "predictions" / "fp.jsonl").read_text().splitlines()]
+  rows = predictions(tmp_path / "wd", "fp")
   assert [r["answer"] for r in rows] == [vqav2.to_python(source[i])["answer"] for i in range(len(source))]
   reference = _transformers_answers(info["model"], info, ckpt, source)
   assert [r["prediction"] for r in rows] == reference
   assert any(reference)  # the random model says something, so the comparison is not empty == empty
 
-  # The distilled binarized model as a Hugging Face checkpoint (sab_jax.export.hf): transformers
-  # loads it as the original architecture and answers as the pipeline's packed export did.
-  import torch
-  import transformers
-  from sab_jax.export import hf as hf_export
-  out = tmp_path / "sab_kd_hf"
-  hf_export.export_hf(str(tmp_path / "wd" / results["methods"]["sab_kd"]["export_dir"]), str(out))
-  binarized = transformers.LlavaForConditionalGeneration.from_pretrained(str(out), dtype=torch.float32).eval()
-  kd = [json.loads(line) for line in (tmp_path / "wd" / "predictions" / "sab_kd.jsonl").read_text().splitlines()]
-  assert [r["prediction"] for r in kd] == _transformers_answers(binarized, info, ckpt, source)
+  # The distilled binarized model as a Hugging Face checkpoint answers as the packed export did.
+  check_hf_export(tmp_path, results, "LlavaForConditionalGeneration",
+                  lambda model: _transformers_answers(model, info, ckpt, source))
 
 
 @pytest.mark.slow  # the config itself loads in the fast tier: test_config_utils.py, test_multiprocess.py

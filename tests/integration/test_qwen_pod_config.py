@@ -13,18 +13,16 @@ answer in transformers as the pipeline's packed export did.
 import json
 import os
 import re
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 from data.vqa_fixture import make_vqav2
+from integration.pod_fixture import REPO, check_hf_export, predictions, run_pipeline, vqav2_texts
 from models.hf_fixture import qwen_pixel_values, save_tiny_qwen25vl
-from models.qwen_tokenizer_fixture import QWEN_PROMPT_WORDS, save_qwen_tokenizer
+from models.qwen_tokenizer_fixture import save_qwen_tokenizer
 from sab_jax import config_utils
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIG = os.path.join(REPO, "experiments", "configs", "qwen25vl7b_pod.py") + ":runlocal"
 LOCAL = config_utils.load_config(CONFIG)  # the sizes the pipeline runs with
 # The decoder (the papers' setting) and the vision tower and merger too.
@@ -36,12 +34,7 @@ def _fixture(root):
   """VQAv2 files under root/manual and a tiny Qwen2.5-VL (tokenizer covering them) in root/qwen."""
   manual, ckpt = root / "manual", root / "qwen"
   make_vqav2(manual)
-  texts = []
-  for f in manual.glob("*.json"):
-    d = json.loads(f.read_text())
-    texts += [q["question"] for q in d.get("questions", [])]
-    texts += [a["answer"] for r in d.get("annotations", []) for a in r["answers"]]
-  words = [w for t in texts for w in re.findall(r"\w+", t)]
+  words = [w for t in vqav2_texts(manual) for w in re.findall(r"\w+", t)]
   ckpt.mkdir()
   ids = save_qwen_tokenizer(ckpt, words)
   info = save_tiny_qwen25vl(str(ckpt), vocab_size=max(ids.values()) + 1, image_token_id=ids["<|image_pad|>"],
@@ -49,13 +42,6 @@ def _fixture(root):
                             eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
                             patch_size=14, window_size=28)  # 56-pixel images: 2 x 2 merged tokens, 1 x 1 windows
   return manual, ckpt, info
-
-
-def _run(root, *overrides, workdir="wd"):
-  args = [sys.executable, "-m", "sab_jax.main", f"--config={CONFIG}", f"--workdir={root / workdir}",
-          f"--config.data.data_dir={root / 'tfds'}", *overrides]
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-  return subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
 
 
 def _transformers_answers(model, info, ckpt, source):
@@ -94,7 +80,7 @@ def _uint8(image):
 @pytest.mark.slow
 def test_qwen_pod_config_runs_end_to_end_from_a_hf_checkpoint(tmp_path):
   manual, ckpt, info = _fixture(tmp_path)
-  proc = _run(tmp_path, f"--config.teacher.init={ckpt}", f"--config.data.manual_dir={manual}",
+  proc = run_pipeline(CONFIG, tmp_path, f"--config.teacher.init={ckpt}", f"--config.data.manual_dir={manual}",
               "--config.quant.methods=('sab',)", RULES)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
   results = json.loads((tmp_path / "wd" / "results.json").read_text())
@@ -120,21 +106,15 @@ def test_qwen_pod_config_runs_end_to_end_from_a_hf_checkpoint(tmp_path):
   # The pipeline's full-precision answers are transformers' greedy answers.
   from sab_jax.data import datasets
   source = datasets.load("vqav2", "res336", str(tmp_path / "tfds")).as_data_source()["validation"]
-  rows = [json.loads(line) for line in (tmp_path / "wd" / "predictions" / "fp.jsonl").read_text().splitlines()]
+  rows = predictions(tmp_path / "wd", "fp")
   reference = _transformers_answers(info["model"], info, ckpt, source)
   assert [r["prediction"] for r in rows] == reference
   assert any(reference)  # the random model says something, so the comparison is not empty == empty
 
-  # The distilled binarized model as a Hugging Face checkpoint: transformers loads it as
-  # Qwen2_5_VLForConditionalGeneration and answers as the pipeline's packed export did.
-  import torch
-  import transformers
-  from sab_jax.export import hf as hf_export
-  out = tmp_path / "sab_kd_hf"
-  hf_export.export_hf(str(tmp_path / "wd" / results["methods"]["sab_kd"]["export_dir"]), str(out))
-  binarized = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(str(out), dtype=torch.float32).eval()
-  kd = [json.loads(line) for line in (tmp_path / "wd" / "predictions" / "sab_kd.jsonl").read_text().splitlines()]
-  assert [r["prediction"] for r in kd] == _transformers_answers(binarized, info, ckpt, source)
+  # The distilled binarized model as a Hugging Face checkpoint answers as the packed export did.
+  check_hf_export(tmp_path, results, "Qwen2_5_VLForConditionalGeneration",
+                  lambda model: _transformers_answers(model, info, ckpt, source))
+  kd = predictions(tmp_path / "wd", "sab_kd")
 
   # ...and `ask` answers from the packed export as the pipeline's evaluation did.
   from sab_jax import ask
