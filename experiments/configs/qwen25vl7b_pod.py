@@ -46,6 +46,9 @@ def get_config(arg=None):
   # Qwen's chat template (system turn + user turn + assistant header, ~30 tokens) + 144 image
   # tokens + question and the short-answer instruction.
   c.data.max_prompt_len = 224
+  # The embedding and head (152064 x 3584 each at 7B) in int8; one regex, since Qwen2.5-VL-3B ties
+  # its head to the embedding (no lm_head param) and every int8 regex must match a param.
+  c.export.int8_params = (r"language_model\.embed_tokens\.embedding|lm_head\.kernel",)
 
   if arg.runlocal:  # llava7b_pod's runlocal sizes; a small image for a tiny checkpoint
     c.data.image_size = 56
