@@ -63,6 +63,7 @@ def test_logits_match_transformers_mixed_sizes(tmp_path, tiny, name):
   assert np.abs(out - ref)[real].max() < 1e-4
 
 
+@pytest.mark.slow  # the fast tier keeps one mixed-size parity case, positions and decoding
 def test_multi_frame_grid_matches_transformers(tiny):
   """A grid with t = 2 (two frames of one image entry): windows and full attention per frame, the
   temporal mrope component, next to a one-frame image of another size."""
@@ -79,6 +80,7 @@ def test_multi_frame_grid_matches_transformers(tiny):
   np.testing.assert_array_equal(ours[:, real], pos[:, real])
 
 
+@pytest.mark.slow  # the fast tier keeps one mixed-size parity case, positions and decoding
 def test_nhwc_equals_processor_layout(tiny):
   """Same-size images: NHWC pixels (patchified in-model) == transformers' patches == transformers' logits."""
   _, info, model = tiny
@@ -237,6 +239,7 @@ def test_keys_round_trip_and_match_transformers(name):
   assert hf.map_key("model.visual.blocks.0.attn.qkv.weight", "qwen2_5_vl")[0] == "vision_tower.blocks.0.attn.qkv.kernel"
 
 
+@pytest.mark.slow  # the fast tier keeps one mixed-size parity case, positions and decoding
 def test_exported_weights_give_transformers_our_logits():
   """to_hf inverts the import: our random model's tensors, loaded by transformers from config_to_hf's
   config, give our logits (NHWC in ours, the processor layout in theirs)."""
