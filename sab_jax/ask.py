@@ -95,9 +95,9 @@ class Asker:
     pixels = [self.pixels(im) for im in images]
     grid, counts = None, None
     if isinstance(pixels[0], tuple):  # dynamic resolution: transformers' patch layout, one grid per image
-      grid = tuple(tuple(int(v) for v in g) for _, gs in pixels for g in np.asarray(gs))
-      merge = self.model.cfg.vision.spatial_merge_size ** 2
-      counts = [t * h * w // merge for t, h, w in grid]
+      grids = np.concatenate([g for _, g in pixels])
+      grid = tuple(tuple(int(v) for v in g) for g in grids)
+      counts = self.pixels.num_tokens(grids)
       pixels = np.concatenate([p for p, _ in pixels])
     else:
       pixels = np.stack(pixels)

@@ -33,12 +33,11 @@ import jax
 import numpy as np
 from PIL import Image
 
-from sab_jax.data import synthetic_vqa
+from sab_jax.data import images, synthetic_vqa
 from sab_jax.data import tokenizer as tokenizer_lib
 
-# CLIP's per-channel image statistics (OpenAI CLIP, LLaVA's vision tower).
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# CLIP's per-channel image statistics (OpenAI CLIP: LLaVA's vision tower, Qwen2-VL's processor).
+CLIP_MEAN, CLIP_STD = images.OPENAI_CLIP_MEAN, images.OPENAI_CLIP_STD
 
 
 def _text(value: Any) -> str:

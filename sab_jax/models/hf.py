@@ -39,7 +39,7 @@ from jax.sharding import Mesh
 
 from sab_jax import sharding as sharding_lib
 from sab_jax.errors import UserError
-from sab_jax.models import clip, llama, qwen25vl
+from sab_jax.models import clip, llama, paths, qwen25vl
 from sab_jax.models.llava import Llava, LlavaConfig
 from sab_jax.models.qwen25vl import Qwen25VL, Qwen25VLConfig
 
@@ -533,17 +533,13 @@ def hf_names(cfg: ModelConfig) -> dict[str, str]:
   _, state = nnx.split(nnx.eval_shape(lambda: f.model(cfg, rngs=nnx.Rngs(0))))
   out = {}
   for p, _ in nnx.to_flat_state(state):
-    path = _path_str(p)
+    path = paths.dotted(p)
     name = f.hf_key(path)
     if name is None:
       raise UserError(f"param {path!r} has no Hugging Face {f.title} tensor (sab_jax.models.hf.FAMILIES"
                       f"[{f.model_type!r}].rules maps none to it)")
     out[name] = path
   return out
-
-
-def _path_str(path: tuple[Any, ...]) -> str:
-  return ".".join(str(p) for p in path)
 
 
 # --- loading ----------------------------------------------------------------------
@@ -583,7 +579,7 @@ def from_pretrained(path: str, *, dtype: Any = jnp.float32, param_dtype: Any = j
     kw["dense"] = dense
   abstract = nnx.eval_shape(lambda: fam.model(cfg, rngs=nnx.Rngs(0), **kw))
   graphdef, abstract_state = nnx.split(abstract)
-  expected = {_path_str(p): v for p, v in nnx.to_flat_state(abstract_state)}
+  expected = {paths.dotted(p): v for p, v in nnx.to_flat_state(abstract_state)}
 
   tensors = open_checkpoint(path)
   plan, unexpected, misshaped = {}, [], []
@@ -610,7 +606,7 @@ def from_pretrained(path: str, *, dtype: Any = jnp.float32, param_dtype: Any = j
   flat_shardings = dict(nnx.to_flat_state(shardings)) if shardings is not None else {}
   values = {}
   for p, var in nnx.to_flat_state(abstract_state):
-    hf_key, st, fn = plan[_path_str(p)]
+    hf_key, st, fn = plan[paths.dotted(p)]
     host = fn(st.get(hf_key))  # a view into the memory map: nothing read yet
     np_dtype = np.dtype(var.dtype)
     if mesh is None:

@@ -60,19 +60,6 @@ class VisionConfig:
   # transformers hard-codes the vision RMSNorms' eps.
   rms_norm_eps: float = 1e-6
 
-  # Names shared with the CLIP config, for code that reads either.
-  @property
-  def num_hidden_layers(self) -> int:
-    return self.depth
-
-  @property
-  def num_attention_heads(self) -> int:
-    return self.num_heads
-
-  @property
-  def num_channels(self) -> int:
-    return self.in_channels
-
   @property
   def mlp_bias(self) -> bool:  # llama.MLP reads it: the vision MLP has biases
     return True

@@ -219,7 +219,7 @@ def test_keys_round_trip_and_match_transformers(name):
   cfg = qwen25vl.VARIANTS[name]
   names = hf.hf_names(cfg)
   model = nnx.eval_shape(lambda: qwen25vl.Model(cfg, rngs=nnx.Rngs(0)))
-  shapes = {hf._path_str(p): tuple(v.shape) for p, v in nnx.to_flat_state(nnx.state(model))}
+  shapes = {paths.dotted(p): tuple(v.shape) for p, v in nnx.to_flat_state(nnx.state(model))}
   assert sorted(names.values()) == sorted(shapes)
   assert all(hf.map_key(k, cfg)[0] == p and hf.hf_key(p, cfg) == k for k, p in names.items())
   assert all(k.startswith(("model.language_model.", "model.visual.", "lm_head.")) for k in names)
