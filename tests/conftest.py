@@ -46,6 +46,7 @@ def pytest_addoption(parser, pluginmanager):
     group.addoption("--numprocesses", dest="numprocesses", default=None)
     group.addoption("--maxprocesses", dest="maxprocesses", default=None)
     group.addoption("--dist", dest="dist", default="no")
+    group.addoption("--no-loadscope-reorder", dest="loadscopereorder", action="store_false")
 
 
 def pytest_configure(config):
@@ -70,11 +71,13 @@ def pytest_unconfigure(config):
 # does no harm.
 LONG_FIRST = (
     "integration/test_main.py::test_smoke_retrain_writes_results_and_resumes",
+    "integration/test_qwen_pod_config.py::test_qwen_pod_config_runs_end_to_end",
+    # after the smoke run on the same worker: its layers' binarization programs are in the cache
     "integration/test_distill_resume.py::",
     "serve/test_packed.py::test_export_predictions_equal_in_memory",  # both share one fixture
     "integration/test_pod_config.py::test_pod_config_runs_end_to_end",
-    "integration/test_distill_speed.py::test_runs",
     "train/test_distill.py::test_distillation_on_8_devices",
+    "integration/test_distill_speed.py::test_runs",
 )
 
 

@@ -96,12 +96,17 @@ def _binarize_one(model: nnx.Module, path: str, acc: hessian.Accumulator, provid
   dense = module_paths.get(model, path)
   w = dense.kernel[...]
   stats: LayerStats = acc.stats()
-  if not w.is_fully_addressable:  # FSDP across processes: every process binarizes the whole layer alike
-    local = lambda a: jnp.asarray(distributed.host_value(a))
-    w_in = local(w)
-    stats = dataclasses.replace(stats, h_text=local(stats.h_text), h_vis=local(stats.h_vis))
+  # The whole layer on one device of this process (every process binarizes it alike, FSDP over
+  # hosts included): on the mesh, the replicated or FSDP-sharded search ran as an SPMD program
+  # on every device at once, each computing the same layer (8x the CPU on 8 simulated devices,
+  # and a costlier compile), for the same result.
+  device = jax.local_devices()[0]
+  if w.is_fully_addressable:
+    local = lambda a: jax.device_put(a, device)
   else:
-    w_in = w
+    local = lambda a: jax.device_put(distributed.host_value(a), device)
+  w_in = local(w)
+  stats = dataclasses.replace(stats, h_text=local(stats.h_text), h_vis=local(stats.h_vis))
   out = provider(w_in.astype(jnp.float32), stats)
   dense.kernel[...] = sharding_lib.put(out.w_hat.astype(w.dtype), w.sharding)
   # The provider already measured tr(ΔᵀHΔ)/tr(WᵀHW) on these statistics.
