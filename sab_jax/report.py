@@ -3,11 +3,13 @@
 Every pipeline run ends with it (`stages.run` writes `WORKDIR/report.md` and
 `WORKDIR/report.png` and prints the table); to compare runs:
 
-  python -m sab_jax.report WORKDIR/results.json [MORE.json ...] --out OUT [--title T]
+  python -m sab_jax.report WORKDIR/results.json [MORE.json ...] --out OUT [--title T] [--paired sab]
 
 writes `OUT/report.md` (also printed) and `OUT/report.png` (accuracy vs stored bits per
 weight and vs model size). Reads only the JSON the pipeline writes (no jax). Optional
-fields a run lacks print as "–".
+fields a run lacks print as "–". `--paired REF` adds McNemar's paired test of REF against every
+other method, on the predictions files next to each results.json, the runs taken as
+calibration draws on the same questions (mean ± sd over them; `sab_jax.eval.paired`).
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from matplotlib import ticker
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.transforms import Bbox
+
+from sab_jax.eval import paired
 
 MISSING = "–"
 DEFAULT_TITLE = "Binarized model quality"
@@ -264,10 +268,34 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("results", nargs="+", help="results.json files (one source run each)")
   parser.add_argument("--out", required=True, help="directory for report.md and report.png")
   parser.add_argument("--title", default=DEFAULT_TITLE, help="heading of report.md and the figure")
+  parser.add_argument("--paired", metavar="REF", help="also compare REF with every other method question by "
+                      "question (McNemar), the runs taken as calibration draws on the same test questions")
   args = parser.parse_args(argv)
-  report = write(load_results(args.results), args.out, args.title)
+  runs = load_results(args.results)
+  report = write(runs, args.out, args.title)
+  if args.paired:
+    report += "\n" + paired_report(runs, args.paired)
+    with open(os.path.join(args.out, "report.md"), "w") as f:
+      f.write(report)
   print(report, end="")
   return 0
+
+
+def paired_report(runs: Sequence[dict[str, Any]], reference: str) -> str:
+  """`paired.compare` over the runs' workdirs: every method and variant all runs evaluated."""
+  common = None
+  for run in runs:
+    r = run["results"]
+    names = [n for n in [*r["methods"], *(r.get("variants") or {})]]
+    common = names if common is None else [n for n in common if n in names]
+  if reference not in common:
+    sys.exit(f"report: --paired {reference}: not a method every run evaluated (common: {common})")
+  try:
+    comparison = paired.compare([os.path.dirname(os.path.abspath(run["path"])) for run in runs], reference,
+                                [n for n in common if n != reference])
+  except (FileNotFoundError, ValueError) as e:
+    sys.exit(f"report: --paired {reference}: {e}")
+  return paired.markdown(comparison)
 
 
 if __name__ == "__main__":

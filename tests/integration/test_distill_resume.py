@@ -14,7 +14,7 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEMO = os.path.join(REPO, "experiments", "configs", "demo.py")
-ARGS = [f"--config={DEMO}:smoke,retrain", "--config.quant.methods=('sab',)", "--config.quant.variants={}",
+ARGS = [f"--config={DEMO}:smoke", "--config.quant.methods=('sab',)", "--config.quant.variants={}",
         "--config.stages=('data','teacher','calibrate','binarize','export','distill')",
         "--config.distill.train.num_steps=30", "--config.distill.train.checkpoint_every=5",
         "--config.distill.train.log_every=5"]
