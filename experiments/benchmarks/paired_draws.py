@@ -1,0 +1,64 @@
+"""Methods over several calibration draws, compared question by question (issue 15's measurement).
+
+One pipeline run per draw (`config.seed` = draw: the calibration batches differ, the teacher
+and the test questions do not), then `sab_jax.eval.paired`: each method's mean ± sd accuracy
+over the draws, and McNemar's exact test of the reference against every other method, per
+draw and pooled. Writes WORKDIR/draw{k}/ (a normal workdir each; a rerun resumes them),
+WORKDIR/paired.md and --out (JSON).
+
+  python experiments/benchmarks/paired_draws.py --workdir=workdir/draws --draws=5 \\
+      --reference=sab,sab_structured --out=experiments/benchmarks/paired_draws_demo.json [--config.key=value ...]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+_CONFIG = config_flags.DEFINE_config_file("config", os.path.join(_REPO, "experiments", "configs", "demo.py"),
+                                          "pipeline config (its seed is set per draw)", lock_config=False)
+_WORKDIR = flags.DEFINE_string("workdir", "workdir/draws", "one workdir per draw goes under it")
+_DRAWS = flags.DEFINE_integer("draws", 5, "calibration draws (seeds 0 .. draws-1)")
+_REFERENCES = flags.DEFINE_list("reference", ["sab"], "methods compared with every other one (a table each; "
+                                "e.g. sab,sab_structured for both stored-bit settings)")
+_OUT = flags.DEFINE_string("out", None, "JSON file for the comparison")
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)
+  from sab_jax import stages
+  from sab_jax.eval import paired
+  workdirs, bits = [], {}
+  for k in range(_DRAWS.value):
+    config = _CONFIG.value.copy_and_resolve_references()
+    config.seed = k
+    wd = os.path.join(_WORKDIR.value, f"draw{k}")
+    results = stages.run(config, wd)
+    workdirs.append(wd)
+    for name, e in {**results["methods"], **(results.get("variants") or {})}.items():
+      bits.setdefault(name, e.get("bits_per_weight"))
+  text, out = "", {"draws": len(workdirs), "bits_per_weight": bits, "comparisons": {}}
+  for reference in _REFERENCES.value:
+    comparison = paired.compare(workdirs, reference, [n for n in bits if n != reference])
+    text += paired.markdown(comparison) + "\n"
+    out["comparisons"][reference] = {
+        "accuracy": comparison["accuracy"],
+        "tests": {n: {"pooled": dataclasses.asdict(t["pooled"]), "per_draw": [dataclasses.asdict(x) for x in t["per_draw"]]}
+                  for n, t in comparison["tests"].items()}}
+  text += "stored bits/weight: " + ", ".join(f"{n} {b:.3f}" for n, b in bits.items() if b is not None) + "\n"
+  print(text)
+  with open(os.path.join(_WORKDIR.value, "paired.md"), "w") as f:
+    f.write(text)
+  if _OUT.value:
+    with open(_OUT.value, "w") as f:
+      json.dump(out, f, indent=1)
+
+
+if __name__ == "__main__":
+  app.run(main)
