@@ -3,7 +3,8 @@
 One pipeline run per draw (`config.seed` = draw: the calibration batches differ, the teacher
 and the test questions do not), then `sab_jax.eval.paired`: each method's mean ± sd accuracy
 over the draws, and McNemar's exact test of the reference against every other method, per
-draw and pooled. Writes WORKDIR/draw{k}/ (a normal workdir each; a rerun resumes them),
+draw and pooled; and each model's teacher-forced test answer cross-entropy and KL from the
+teacher on the answer tokens. Writes WORKDIR/draw{k}/ (a normal workdir each; a rerun resumes them),
 WORKDIR/paired.md and --out (JSON).
 
   python experiments/benchmarks/paired_draws.py --workdir=workdir/draws --draws=5 \\
@@ -29,21 +30,70 @@ _REFERENCES = flags.DEFINE_list("reference", ["sab"], "methods compared with eve
 _OUT = flags.DEFINE_string("out", None, "JSON file for the comparison")
 
 
+def answer_losses(ctx, model, teacher) -> dict[str, float]:
+  """Teacher-forced, over the eval split's answer tokens: the cross-entropy of the reference
+  answers, and KL(teacher || model) of the next-token distributions there (what distillation
+  lowers; it also sees how far a model is from the teacher where both answer correctly)."""
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+
+  @nnx.jit
+  def sums(model, teacher, batch):
+    ids, pixels, mask = batch["input_ids"], batch["pixel_values"], batch["attention_mask"]
+    logp = jax.nn.log_softmax(model(ids, pixels, mask).astype(jnp.float32))
+    logq = jax.nn.log_softmax(teacher(ids, pixels, mask).astype(jnp.float32))
+    targets = jnp.roll(ids, -1, axis=1)
+    at = batch["loss_mask"]
+    ce = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+    kl = jnp.sum(jnp.exp(logq) * (logq - logp), axis=-1)
+    return jnp.sum(ce * at), jnp.sum(kl * at), jnp.sum(at)
+
+  ec = ctx.config.eval
+  total = jnp.zeros(3)
+  for b in ctx.batches(ctx.config.data.config, ec.split, batch_size=ec.batch_size, train=False):
+    batch = {k: jnp.asarray(b[k]) for k in ("input_ids", "pixel_values", "attention_mask", "loss_mask")}
+    total = total + jnp.stack(sums(model, teacher, batch))
+  ce, kl, n = (float(x) for x in total)
+  return {"answer_ce": ce / n, "kl_from_teacher": kl / n}
+
+
+def _losses_of_every_model(config, workdir, results) -> dict[str, dict[str, float]]:
+  from sab_jax import stages
+  from sab_jax.serve import packed
+  ctx = stages.Context(config, workdir)
+  stages.stage_teacher(ctx)
+  out = {"fp": answer_losses(ctx, ctx.teacher, ctx.teacher)}
+  for name, e in {**results["methods"], **(results.get("variants") or {})}.items():
+    if "export_dir" in e:
+      model, _ = packed.from_export(os.path.join(workdir, e["export_dir"]), ctx.new_model(), mode="dequant")
+      out[name] = answer_losses(ctx, model, ctx.teacher)
+  return out
+
+
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
   from sab_jax import stages
   from sab_jax.eval import paired
-  workdirs, bits = [], {}
+  workdirs, bits, losses = [], {}, []
   for k in range(_DRAWS.value):
     config = _CONFIG.value.copy_and_resolve_references()
     config.seed = k
     wd = os.path.join(_WORKDIR.value, f"draw{k}")
     results = stages.run(config, wd)
     workdirs.append(wd)
+    losses.append(_losses_of_every_model(config, wd, results))
     for name, e in {**results["methods"], **(results.get("variants") or {})}.items():
       bits.setdefault(name, e.get("bits_per_weight"))
-  text, out = "", {"draws": len(workdirs), "bits_per_weight": bits, "comparisons": {}}
+  loss_table = {n: {k: paired.mean_sd([d[n][k] for d in losses]) for k in ("answer_ce", "kl_from_teacher")}
+                for n in losses[0]}
+  text = ("| method | test answer CE (mean ± sd) | KL(teacher ‖ model) on answer tokens |\n|---|---:|---:|\n"
+          + "".join(f"| {n} | {v['answer_ce'][0]:.4f} ± {v['answer_ce'][1]:.4f} | "
+                    f"{v['kl_from_teacher'][0]:.4f} ± {v['kl_from_teacher'][1]:.4f} |\n" for n, v in loss_table.items())
+          + "\n")
+  out = {"draws": len(workdirs), "bits_per_weight": bits, "comparisons": {},
+         "answer_losses": {"mean_sd": loss_table, "per_draw": losses}}
   for reference in _REFERENCES.value:
     comparison = paired.compare(workdirs, reference, [n for n in bits if n != reference])
     text += paired.markdown(comparison) + "\n"
