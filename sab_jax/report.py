@@ -245,10 +245,10 @@ def plot(runs: Sequence[dict[str, Any]], path: str, title: str = DEFAULT_TITLE) 
   fig.savefig(path, dpi=120)
 
 
-def write(runs: Sequence[dict[str, Any]], out: str, title: str = DEFAULT_TITLE) -> str:
-  """Writes OUT/report.md and OUT/report.png; returns the markdown."""
+def write(runs: Sequence[dict[str, Any]], out: str, title: str = DEFAULT_TITLE, appendix: str = "") -> str:
+  """Writes OUT/report.md (the table, then `appendix`) and OUT/report.png; returns the markdown."""
   os.makedirs(out, exist_ok=True)
-  report = markdown_report(runs, title)
+  report = markdown_report(runs, title) + (f"\n{appendix}" if appendix else "")
   with open(os.path.join(out, "report.md"), "w") as f:
     f.write(report)
   plot(runs, os.path.join(out, "report.png"), title)
@@ -272,11 +272,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                       "question (McNemar), the runs taken as calibration draws on the same test questions")
   args = parser.parse_args(argv)
   runs = load_results(args.results)
-  report = write(runs, args.out, args.title)
-  if args.paired:
-    report += "\n" + paired_report(runs, args.paired)
-    with open(os.path.join(args.out, "report.md"), "w") as f:
-      f.write(report)
+  report = write(runs, args.out, args.title, paired_report(runs, args.paired) if args.paired else "")
   print(report, end="")
   return 0
 
@@ -286,7 +282,7 @@ def paired_report(runs: Sequence[dict[str, Any]], reference: str) -> str:
   common = None
   for run in runs:
     r = run["results"]
-    names = [n for n in [*r["methods"], *(r.get("variants") or {})]]
+    names = [*r["methods"], *(r.get("variants") or {})]
     common = names if common is None else [n for n in common if n in names]
   if reference not in common:
     sys.exit(f"report: --paired {reference}: not a method every run evaluated (common: {common})")

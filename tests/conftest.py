@@ -72,7 +72,7 @@ def pytest_unconfigure(config):
 LONG_FIRST = (
     "integration/test_main.py::test_smoke_retrain_writes_results_and_resumes",
     "integration/test_qwen_pod_config.py::test_qwen_pod_config_runs_end_to_end",
-    # after the smoke run on the same worker: its layers' binarization programs are in the cache
+    # after the smoke run: both binarize the demo's layers with the same one-device programs (shared cache)
     "integration/test_distill_resume.py::",
     "serve/test_packed.py::test_export_predictions_equal_in_memory",  # both share one fixture
     "integration/test_pod_config.py::test_pod_config_runs_end_to_end",

@@ -34,20 +34,16 @@ def answer_losses(ctx, model, teacher) -> dict[str, float]:
   """Teacher-forced, over the eval split's answer tokens: the cross-entropy of the reference
   answers, and KL(teacher || model) of the next-token distributions there (what distillation
   lowers; it also sees how far a model is from the teacher where both answer correctly)."""
-  import jax
   import jax.numpy as jnp
   from flax import nnx
+  from sab_jax.train import distill, train
 
   @nnx.jit
-  def sums(model, teacher, batch):
-    ids, pixels, mask = batch["input_ids"], batch["pixel_values"], batch["attention_mask"]
-    logp = jax.nn.log_softmax(model(ids, pixels, mask).astype(jnp.float32))
-    logq = jax.nn.log_softmax(teacher(ids, pixels, mask).astype(jnp.float32))
-    targets = jnp.roll(ids, -1, axis=1)
-    at = batch["loss_mask"]
-    ce = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
-    kl = jnp.sum(jnp.exp(logq) * (logq - logp), axis=-1)
-    return jnp.sum(ce * at), jnp.sum(kl * at), jnp.sum(at)
+  def sums(model, teacher, batch):  # the training losses' per-batch means, back to sums over answer tokens
+    inputs = (batch["input_ids"], batch["pixel_values"], batch["attention_mask"])
+    logits, teacher_logits = model(*inputs), teacher(*inputs)
+    n = jnp.sum(batch["loss_mask"])
+    return (train.answer_cross_entropy(logits, batch) * n, distill.kd_loss(logits, batch, teacher_logits) * n, n)
 
   ec = ctx.config.eval
   total = jnp.zeros(3)
@@ -58,13 +54,18 @@ def answer_losses(ctx, model, teacher) -> dict[str, float]:
   return {"answer_ce": ce / n, "kl_from_teacher": kl / n}
 
 
+def _entries(results) -> dict[str, dict]:
+  """Every method and variant a results.json lists."""
+  return {**results["methods"], **(results.get("variants") or {})}
+
+
 def _losses_of_every_model(config, workdir, results) -> dict[str, dict[str, float]]:
   from sab_jax import stages
   from sab_jax.serve import packed
   ctx = stages.Context(config, workdir)
   stages.stage_teacher(ctx)
   out = {"fp": answer_losses(ctx, ctx.teacher, ctx.teacher)}
-  for name, e in {**results["methods"], **(results.get("variants") or {})}.items():
+  for name, e in _entries(results).items():
     if "export_dir" in e:
       model, _ = packed.from_export(os.path.join(workdir, e["export_dir"]), ctx.new_model(), mode="dequant")
       out[name] = answer_losses(ctx, model, ctx.teacher)
@@ -84,7 +85,7 @@ def main(argv):
     results = stages.run(config, wd)
     workdirs.append(wd)
     losses.append(_losses_of_every_model(config, wd, results))
-    for name, e in {**results["methods"], **(results.get("variants") or {})}.items():
+    for name, e in _entries(results).items():
       bits.setdefault(name, e.get("bits_per_weight"))
   loss_table = {n: {k: paired.mean_sd([d[n][k] for d in losses]) for k in ("answer_ce", "kl_from_teacher")}
                 for n in losses[0]}

@@ -19,11 +19,11 @@ def vqav2_texts(manual) -> list[str]:
   return texts
 
 
-def run_pipeline(config, root, *overrides, workdir="wd", devices=8):
-  """`python -m sab_jax.main --config=config` on `devices` simulated CPU devices, data under root/tfds."""
+def run_pipeline(config, root, *overrides, workdir="wd"):
+  """`python -m sab_jax.main --config=config` on 8 simulated CPU devices, data under root/tfds."""
   args = [sys.executable, "-m", "sab_jax.main", f"--config={config}", f"--workdir={root / workdir}",
           f"--config.data.data_dir={root / 'tfds'}", *overrides]
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
   return subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
 
 
