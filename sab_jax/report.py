@@ -113,13 +113,16 @@ def _fp_accuracy(run: dict[str, Any]) -> float | None:
 
 def markdown_table(runs: Sequence[dict[str, Any]]) -> str:
   """The table: accuracy, its difference to the run's FP model (points) and per-type accuracy
-  in %, stored/nominal bits per weight, model MB."""
+  in %, the teacher-forced answer CE and KL from the teacher (once some run has them),
+  stored/nominal bits per weight, model MB."""
   rs = rows(runs)
   fp = {run["source"]: _fp_accuracy(run) for run in runs}
   types = sorted({t for r in rs for t in (r["entry"].get("per_type") or {})})
   formula = any("formula_bits_per_weight" in r["entry"] for r in rs)  # columns only once some run has them
   export = any("export_dir" in r["entry"] for r in rs)
-  head = ["run", "method", "accuracy %", "Δ fp"] + [f"{t} %" for t in types] + ["stored bits/w"]
+  losses = [k for k in ("answer_ce", "kl_from_teacher") if any(k in r["entry"] for r in rs)]
+  head = ["run", "method", "accuracy %", "Δ fp"] + [f"{t} %" for t in types]
+  head += [{"answer_ce": "answer CE", "kl_from_teacher": "KL from teacher"}[k] for k in losses] + ["stored bits/w"]
   head += ["formula bits/w"] * formula + ["nominal bits", "model MB"] + ["export"] * export
   table = []
   for r in rs:
@@ -132,6 +135,7 @@ def markdown_table(runs: Sequence[dict[str, Any]]) -> str:
              _fmt(None if r["accuracy"] is None else 100 * r["accuracy"], ".2f"), _fmt(delta, "+.2f")]
     cells += [_fmt(None if _type_accuracy(per.get(t)) is None else 100 * _type_accuracy(per.get(t)), ".1f")
               for t in types]
+    cells += [_fmt(_num(e.get(k)), ".4f") for k in losses]
     cells.append(_fmt(_num(e.get("bits_per_weight")), ".3f"))
     if formula:
       cells.append(_fmt(_num(e.get("formula_bits_per_weight")), ".3f"))

@@ -145,16 +145,17 @@ def model_bytes(model: nnx.Module) -> int:
   return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(nnx.state(model, nnx.Param))))
 
 
-def evaluate(ctx: Context, model: nnx.Module, name: str) -> dict[str, Any]:
-  """Scores `model` on the eval split; its answers go to DIR/predictions/<name>.jsonl, one
-  line per question in split order (with several processes, one file per process's shard)."""
+def evaluate(ctx: Context, model: nnx.Module, name: str, teacher: nnx.Module | None = None) -> dict[str, Any]:
+  """Scores `model` on the eval split (and its teacher-forced answer losses, `vqa.evaluate`);
+  its answers go to DIR/predictions/<name>.jsonl, one line per question in split order (with
+  several processes, one file per process's shard)."""
   ec = ctx.config.eval
   batches = ctx.batches(ctx.config.data.config, ec.split, batch_size=ec.batch_size, train=False,
                         max_records=ec.max_examples if ec.max_examples > 0 else None)
   predictions: list[tuple[str, str, str]] = []
   table = vqa.evaluate(model, batches, ctx.tokenizer, question_types=ctx.dataset.question_types,
                        metric=ec.metric or ctx.dataset.metric, max_new_tokens=ctx.config.data.max_answer_len,
-                       predictions=predictions)
+                       predictions=predictions, teacher=teacher)
   suffix = f".process{jax.process_index()}" if jax.process_count() > 1 else ""
   path = os.path.join(ctx.workdir, "predictions", f"{name}{suffix}.jsonl")
   os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -251,8 +252,8 @@ def stage_eval_fp(ctx: Context) -> None:
   nbytes = model_bytes(ctx.teacher)
   bits = 8 * nbytes / sum(x.size for x in jax.tree.leaves(nnx.state(ctx.teacher, nnx.Param)))
   ctx.results["methods"]["fp"] = {"accuracy": table["accuracy"], "per_type": table["per_type"],
-                                  "count": table["count"], "bits_per_weight": bits, "nominal_bits": bits,
-                                  "model_bytes": nbytes}
+                                  "count": table["count"], "answer_ce": table["answer_ce"], "bits_per_weight": bits,
+                                  "nominal_bits": bits, "model_bytes": nbytes}
   print(metrics.format_table({"fp": table}, title=f"fp on {ctx.results.get('dataset')} {ctx.config.eval.split}"))
   print(f"[eval_fp] {time.time() - t:.1f} s")
 
@@ -404,9 +405,12 @@ def stage_eval(ctx: Context) -> None:
       t = time.time()
       model, _ = packed.from_export(os.path.join(ctx.workdir, entry["export_dir"]), ctx.abstract_model(),
                                     mode=ctx.config.eval.packed_mode)
-      table = evaluate(ctx, model, name)
+      # KL from the teacher when this run has it in memory (not when only `eval` runs)
+      table = evaluate(ctx, model, name, teacher=ctx.teacher)
       entry.update(accuracy=table["accuracy"], per_type=table["per_type"], count=table["count"],
-                   device_bytes=packed.packed_bytes(model))
+                   answer_ce=table["answer_ce"], device_bytes=packed.packed_bytes(model))
+      if "kl_from_teacher" in table:
+        entry["kl_from_teacher"] = table["kl_from_teacher"]
       ctx.save_results()
       print(f"[eval] {name}: accuracy {table['accuracy']:.4f} from {entry['export_dir']} "
             f"({entry['bits_per_weight']:.3f} bits/weight), {time.time() - t:.1f} s")

@@ -15,6 +15,7 @@ ml-collections, tfds or grain).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import time
@@ -25,6 +26,7 @@ import jax.numpy as jnp
 from sab_jax import sharding
 from sab_jax.calib import hessian
 from sab_jax.quant import providers
+from sab_jax.quant.providers.base import uniform_sensitivity
 
 # One Llama-7B decoder layer (LLaVA-1.5-7B's language model): linears sharing an input share a Hessian.
 LAYER = {  # name: (in, out, hessian group)
@@ -83,7 +85,9 @@ def main():
     for lin, (din, dout, group) in LAYER.items():
       w = 0.02 * jax.random.normal(jax.random.fold_in(key, din * 7 + dout + len(lin)), (din, dout), jnp.float32)
       t = time.perf_counter()  # the first linear of each shape includes compilation
-      out = provider(w, stats[group])
+      # SAB's loss sensitivity comes from the model (`calib.sensitivity`, timed by
+      # significance_cost.py); here a uniform one, which runs the same code path
+      out = provider(w, dataclasses.replace(stats[group], sensitivity=uniform_sensitivity(stats[group], dout)))
       _block(out.w_hat)
       per_linear[lin] = time.perf_counter() - t
       bits += out.stored_bits

@@ -32,6 +32,7 @@ the GPU machine. Prints a markdown table and writes JSON with the device info.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import os
@@ -48,7 +49,7 @@ from flax import nnx
 
 from sab_jax.models import llava, paths
 from sab_jax.quant import binary_dense, providers, rules
-from sab_jax.quant.providers.base import LayerStats
+from sab_jax.quant.providers.base import LayerStats, uniform_sensitivity
 from sab_jax.train import distill, train
 
 SOURCES = {"xnor": lambda: providers.Xnor(), "arb_rc": lambda: providers.ArbRc(),
@@ -106,7 +107,9 @@ def ptq_parts(model: nnx.Module, provider, *, tokens_per_input: int = 4, seed: i
       x = jax.random.normal(jax.random.key(seed + n), (N, n), jnp.float32)
       h = 2.0 / N * x.T @ x
       stats[n] = LayerStats(h, h, N // 2, N - N // 2)
-    layers[path] = provider(kernel, stats[n]).parts.map(np.asarray)
+    # a uniform loss sensitivity: SAB's code path without a model-level measurement (timing only)
+    layer_stats = dataclasses.replace(stats[n], sensitivity=uniform_sensitivity(stats[n], kernel.shape[1]))
+    layers[path] = provider(kernel, layer_stats).parts.map(np.asarray)
   return layers
 
 

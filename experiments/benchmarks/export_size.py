@@ -118,7 +118,7 @@ def synthetic_structured_sab(shape: tuple[int, int], provider: providers.Sab,
     raise ValueError(f"{provider!r} is not a structured SAB / ARB-RC provider")
   n_in, n_out = shape
   _, group = base.effective_blocks(n_in, provider.block_size, provider.scale_block)
-  budget = salient_split.salient_count(provider.salient_rows, group, structured=True)
+  budget = salient_split.salient_count(provider.layout_salient_rows, group, structured=True)
   rows = bits_core.block_rows(n_in, group)
   salient = np.zeros(n_in, bool)
   per_group = []

@@ -44,9 +44,11 @@ METHODS = {
     "arb_rc_one_group": providers.ArbRc(salient_groups=False),
     "arb_rc_one_group_norefine": providers.ArbRc(salient_groups=False, refine_iters=0),
     "arb_rc_fixed8_one_group_norefine": providers.ArbRc(salient_rows=0.08, salient_groups=False, refine_iters=0),
-    "sab": providers.Sab(),
-    "sab_structured": providers.Sab(structured=True),
-    "sab_structured_group_budget": providers.Sab(structured=True, salient_budget="group"),
+    # a lone layer has no model loss: SAB's paper-as-written map (the loss-calibrated one needs
+    # the model's significance pass, paired_draws.py)
+    "sab": providers.Sab(significance="hessian"),
+    "sab_structured": providers.Sab(structured=True, significance="hessian", salient_budget="layer"),
+    "sab_structured_group_budget": providers.Sab(structured=True, significance="hessian", salient_budget="group"),
     "arb_rc_structured": providers.ArbRc(structured=True),
 }
 

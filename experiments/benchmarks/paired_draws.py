@@ -4,7 +4,7 @@ One pipeline run per draw (`config.seed` = draw: the calibration batches differ,
 and the test questions do not), then `sab_jax.eval.paired`: each method's mean ± sd accuracy
 over the draws, and McNemar's exact test of the reference against every other method, per
 draw and pooled; and each model's teacher-forced test answer cross-entropy and KL from the
-teacher on the answer tokens. Writes WORKDIR/draw{k}/ (a normal workdir each; a rerun resumes them),
+teacher on the answer tokens (as each evaluation records them in results.json). Writes WORKDIR/draw{k}/ (a normal workdir each; a rerun resumes them),
 WORKDIR/paired.md and --out (JSON).
 
   python experiments/benchmarks/paired_draws.py --workdir=workdir/draws --draws=5 \\
@@ -30,45 +30,18 @@ _REFERENCES = flags.DEFINE_list("reference", ["sab"], "methods compared with eve
 _OUT = flags.DEFINE_string("out", None, "JSON file for the comparison")
 
 
-def answer_losses(ctx, model, teacher) -> dict[str, float]:
-  """Teacher-forced, over the eval split's answer tokens: the cross-entropy of the reference
-  answers, and KL(teacher || model) of the next-token distributions there (what distillation
-  lowers; it also sees how far a model is from the teacher where both answer correctly)."""
-  import jax.numpy as jnp
-  from flax import nnx
-  from sab_jax.train import distill, train
-
-  @nnx.jit
-  def sums(model, teacher, batch):  # the training losses' per-batch means, back to sums over answer tokens
-    inputs = (batch["input_ids"], batch["pixel_values"], batch["attention_mask"])
-    logits, teacher_logits = model(*inputs), teacher(*inputs)
-    n = jnp.sum(batch["loss_mask"])
-    return (train.answer_cross_entropy(logits, batch) * n, distill.kd_loss(logits, batch, teacher_logits) * n, n)
-
-  ec = ctx.config.eval
-  total = jnp.zeros(3)
-  for b in ctx.batches(ctx.config.data.config, ec.split, batch_size=ec.batch_size, train=False):
-    batch = {k: jnp.asarray(b[k]) for k in ("input_ids", "pixel_values", "attention_mask", "loss_mask")}
-    total = total + jnp.stack(sums(model, teacher, batch))
-  ce, kl, n = (float(x) for x in total)
-  return {"answer_ce": ce / n, "kl_from_teacher": kl / n}
-
-
 def _entries(results) -> dict[str, dict]:
   """Every method and variant a results.json lists."""
   return {**results["methods"], **(results.get("variants") or {})}
 
 
-def _losses_of_every_model(config, workdir, results) -> dict[str, dict[str, float]]:
-  from sab_jax import stages
-  from sab_jax.serve import packed
-  ctx = stages.Context(config, workdir)
-  stages.stage_teacher(ctx)
-  out = {"fp": answer_losses(ctx, ctx.teacher, ctx.teacher)}
+def _losses(results) -> dict[str, dict[str, float]]:
+  """Each model's teacher-forced answer CE and KL from the teacher, as its eval recorded them
+  (`eval.vqa.evaluate`; the teacher's own KL is 0)."""
+  out = {"fp": {"answer_ce": results["methods"]["fp"]["answer_ce"], "kl_from_teacher": 0.0}}
   for name, e in _entries(results).items():
-    if "export_dir" in e:
-      model, _ = packed.from_export(os.path.join(workdir, e["export_dir"]), ctx.new_model(), mode="dequant")
-      out[name] = answer_losses(ctx, model, ctx.teacher)
+    if "kl_from_teacher" in e:
+      out[name] = {"answer_ce": e["answer_ce"], "kl_from_teacher": e["kl_from_teacher"]}
   return out
 
 
@@ -84,7 +57,7 @@ def main(argv):
     wd = os.path.join(_WORKDIR.value, f"draw{k}")
     results = stages.run(config, wd)
     workdirs.append(wd)
-    losses.append(_losses_of_every_model(config, wd, results))
+    losses.append(_losses(results))
     for name, e in _entries(results).items():
       bits.setdefault(name, e.get("bits_per_weight"))
   loss_table = {n: {k: paired.mean_sd([d[n][k] for d in losses]) for k in ("answer_ce", "kl_from_teacher")}

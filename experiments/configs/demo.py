@@ -109,11 +109,21 @@ def get_config(arg=None):
       # Baselines at matched stored bits (~1.1-1.5 here; scales cost more on 128-wide layers).
       "arb_rc_structured": {"method": "arb_rc", "structured": True},
       "pbllm_matched": {"method": "pbllm", "salient_fraction": 0.005},
-      # Ablations: Λ² instead of Λ, and a larger salient fraction.
+      # ARB-RC with SAB's salient rows per layer (9%, per block): the same stored bits as `sab`.
+      "arb_rc_matched": {"method": "arb_rc", "salient_rows": 0.09},
+      # SAB at BiLLM's stored bits (~3.0 here): 5% of every layer's rows, priced over the model.
+      "sab_billm_bits": {"method": "sab", "salient_rows": 0.05},
+      # The paper as written: Λ from the modality Hessians alone (steps 2-5), no significance pass.
+      "sab_hessian": {"method": "sab", "significance": "hessian"},
+      # What the loss gradients add: the same pass and whole-model allocation, every output felt alike.
+      "sab_structured_uniform": {"method": "sab", "structured": True, "significance": "uniform"},
+      # What the whole-model allocation adds: the loss-calibrated objective, each layer's own budget.
+      "sab_structured_layer_budget": {"method": "sab", "structured": True, "salient_budget": "layer"},
+      # Ablations: Λ² instead of Λ; the paper's map with a larger salient fraction / stricter partition.
       "sab_lambda2": {"method": "sab", "lambda_power": 2},
-      "sab_top10": {"method": "sab", "salient_top_p": 0.10},
+      "sab_top10": {"method": "sab", "significance": "hessian", "salient_top_p": 0.10},
       # Partition rule: a stricter modality-gap quantile for "single-modality" weights.
-      "sab_gap_q90": {"method": "sab", "diff_quantile": 0.9},
+      "sab_gap_q90": {"method": "sab", "significance": "hessian", "diff_quantile": 0.9},
       # One salient group per block (the layout before ARB-LLM's `--order2_group` split).
       "sab_one_group": {"method": "sab", "salient_groups": False},
   })
@@ -125,7 +135,8 @@ def get_config(arg=None):
 
   # Quantization-aware distillation (stage `distill`): each source's export -> `<source>_kd`.
   c.distill = ml_collections.ConfigDict()
-  c.distill.sources = ("sab",)
+  # The ~3-bit `sab` and the structured layout (<= 1.2 stored bits/weight at 7B shapes, 1.5 here).
+  c.distill.sources = ("sab", "sab_structured")
   c.distill.temperature = 1.0
   # Weight of the answer cross-entropy added to the KL (0: pure distillation).
   c.distill.ce_weight = 0.0
@@ -134,7 +145,7 @@ def get_config(arg=None):
   # Straight-through gradient passes where |latent| <= clip x the row's largest scale.
   c.distill.clip = 1.0
   c.distill.train = ml_collections.ConfigDict({
-      "batch_size": 64, "num_steps": 600, "lr": 2e-4, "warmup_steps": 50, "final_lr_fraction": 0.05,
+      "batch_size": 64, "num_steps": 900, "lr": 2e-4, "warmup_steps": 50, "final_lr_fraction": 0.05,
       "weight_decay": 0.0, "grad_clip": 1.0, "log_every": 50, "checkpoint_every": 100, "keep_checkpoints": 2,
       # "stop": a non-finite loss stops the run naming the step; "skip": such steps are skipped
       "nonfinite": "stop"})
@@ -162,5 +173,6 @@ def get_config(arg=None):
     c.eval.batch_size, c.eval.max_examples = 16, 32
     c.quant.calib_samples, c.quant.calib_batch_size, c.quant.progress = 16, 8, False
     c.quant.variants = ml_collections.ConfigDict({"sab_structured": {"method": "sab", "structured": True}})
+    c.distill.sources = ("sab",)
     c.distill.train.update(batch_size=8, num_steps=4, warmup_steps=1, log_every=2, checkpoint_every=2)
   return c

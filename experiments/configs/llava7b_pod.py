@@ -80,6 +80,7 @@ def get_config(arg=None):
   c.quant.calib_samples, c.quant.calib_batch_size = 128, 8
 
   # batch_size is per process: 8 x 32 hosts of a v4-256 = 256 pairs per step.
+  c.distill.sources = ("sab",)
   c.distill.train.update(batch_size=8, num_steps=2000, lr=2e-5, warmup_steps=100, log_every=10, checkpoint_every=200)
 
   # 7B in bf16 is ~14 GB: FSDP over 8 chips leaves ~2 GB of weights per chip (v5e has

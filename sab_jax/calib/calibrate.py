@@ -11,7 +11,6 @@ sequentially) before the decoder, a simplification documented here on purpose.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 from typing import Any, Iterable, Sequence
 
@@ -22,7 +21,7 @@ from jax.sharding import Mesh
 from tqdm import tqdm
 
 from sab_jax import distributed, sharding as sharding_lib
-from sab_jax.calib import hessian
+from sab_jax.calib import hessian, sensitivity
 from sab_jax.models import llama
 from sab_jax.models import paths as module_paths
 from sab_jax.quant import rules as rules_lib
@@ -40,17 +39,9 @@ class Capture(nnx.Module):
     return self.inner(x)
 
 
-@contextlib.contextmanager
 def capturing(root: nnx.Module, paths: Sequence[str]):
   """Temporarily wraps the Dense layers at `paths` (relative to root) in `Capture`."""
-  originals = {p: module_paths.get(root, p) for p in paths}
-  for p, m in originals.items():
-    module_paths.replace(root, p, Capture(m))
-  try:
-    yield
-  finally:
-    for p, m in originals.items():
-      module_paths.replace(root, p, m)
+  return module_paths.wrapped(root, paths, Capture)
 
 
 def _sown_inputs(intermediates: nnx.State) -> dict[str, jax.Array]:
@@ -92,10 +83,11 @@ class LayerResult:
   relative_output_error: float      # tr(ΔᵀHΔ) / tr(WᵀHW): the layer's output error on calibration data
 
 
-def _binarize_one(model: nnx.Module, path: str, acc: hessian.Accumulator, provider: Provider) -> LayerResult:
+def _binarize_one(model: nnx.Module, path: str, acc: hessian.Accumulator, provider: Provider,
+                  plan: dict[str, Any]) -> LayerResult:
   dense = module_paths.get(model, path)
   w = dense.kernel[...]
-  stats: LayerStats = acc.stats()
+  stats: LayerStats = dataclasses.replace(acc.stats(), **plan.get(path, {}))
   # The whole layer on one device of this process (every process binarizes it alike, FSDP over
   # hosts included): on the mesh, the replicated or FSDP-sharded search ran as an SPMD program
   # on every device at once, each computing the same layer (8x the CPU on 8 simulated devices,
@@ -113,6 +105,19 @@ def _binarize_one(model: nnx.Module, path: str, acc: hessian.Accumulator, provid
   return LayerResult(out, (stats.n_text, stats.n_vis), out.error["output_rel"])
 
 
+def model_plan(model: nnx.Module, batches: Sequence[dict[str, Any]], provider: Provider, selected: Sequence[str],
+               mesh: Mesh, options: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
+  """Per layer, the `LayerStats` fields a `base.ModelPlanner` provider decided before any layer
+  is binarized (its sensitivity and plan entry); empty for the other providers."""
+  if options is None:
+    return {}
+  sens = sensitivity.measure(model, batches, selected, mesh, **options)
+  kernels = {p: module_paths.get(model, p).kernel[...] for p in selected}
+  kernels = {p: k if k.is_fully_addressable else distributed.host_value(k) for p, k in kernels.items()}
+  decided = provider.plan(kernels, sens)
+  return {p: {"sensitivity": sens[p], "plan": decided.get(p)} for p in selected}
+
+
 def binarize_model(model: nnx.Module, batches: Iterable[dict[str, Any]], provider: Provider,
                    rules: Sequence[rules_lib.BinarizeRule], mesh: Mesh, *, progress: bool = True
                    ) -> dict[str, LayerResult]:
@@ -128,7 +133,13 @@ def binarize_model(model: nnx.Module, batches: Iterable[dict[str, Any]], provide
   """
   selected = rules_lib.select(model, rules)
   put = lambda a: jax.make_array_from_process_local_data(sharding_lib.batch_sharding(mesh, a.ndim), a)
-  batches = [{k: put(b[k]) for k in ("input_ids", "attention_mask", "pixel_values")} for b in batches]
+  options = provider.sensitivity_options() if hasattr(provider, "sensitivity_options") else None
+  keys = ("input_ids", "attention_mask", "pixel_values") + (("loss_mask",) if options is not None else ())
+  if options is not None and any("loss_mask" not in b for b in batches):
+    raise ValueError(f"{provider.name}'s significance pass needs each calibration batch's loss_mask (the answer "
+                     "positions, as the data pipeline gives them); add it, or use significance='hessian'")
+  batches = [{k: put(b[k]) for k in keys} for b in batches]
+  plan = model_plan(model, batches, provider, selected, mesh, options)
   results: dict[str, LayerResult] = {}
 
   # --- vision tower and projector: image tokens only ----------------------------------------
@@ -142,7 +153,7 @@ def binarize_model(model: nnx.Module, batches: Iterable[dict[str, Any]], provide
           ones = jnp.ones(x.shape[:2], jnp.float32)
           accs[p].add(x, jnp.zeros_like(ones), ones, mesh)
     for p in vision:
-      results[p] = _binarize_one(model, p, accs[p], provider)
+      results[p] = _binarize_one(model, p, accs[p], provider, plan)
 
   # --- decoder, layer by layer ----------------------------------------------------------------
   image_id = model.cfg.image_token_id
@@ -167,7 +178,7 @@ def binarize_model(model: nnx.Module, batches: Iterable[dict[str, Any]], provide
           for p, inp in inputs.items():
             accs[p].add(inp, a["text"], a["vis"], mesh)
       for p in here:
-        results[prefix + p] = _binarize_one(model, prefix + p, accs[p], provider)
+        results[prefix + p] = _binarize_one(model, prefix + p, accs[p], provider, plan)
     xs = [_run_layer(layer, x, a["positions"], a["mask"])[0] for x, a in zip(xs, aux)]
 
   # --- head -----------------------------------------------------------------------------------
@@ -175,5 +186,5 @@ def binarize_model(model: nnx.Module, batches: Iterable[dict[str, Any]], provide
     acc = hessian.Accumulator()
     for x, a in zip(xs, aux):
       acc.add(_final_norm(model, x), a["text"], a["vis"], mesh)
-    results["lm_head"] = _binarize_one(model, "lm_head", acc, provider)
+    results["lm_head"] = _binarize_one(model, "lm_head", acc, provider, plan)
   return results

@@ -19,7 +19,7 @@ from sab_jax import sharding as sharding_lib
 from sab_jax.quant.providers.base import LayerStats
 
 
-def _data_axes(mesh: Mesh) -> tuple[str, ...]:
+def data_axes(mesh: Mesh) -> tuple[str, ...]:
   spec = sharding_lib.batch_sharding(mesh, 1).spec[0]
   return () if spec is None else (spec,) if isinstance(spec, str) else tuple(spec)
 
@@ -35,7 +35,7 @@ def hessian_sums(x: jax.Array, text: jax.Array, vis: jax.Array, mesh: Mesh):
   Returns:
     (sum_text `[d, d]`, sum_vis `[d, d]`, n_text, n_vis), replicated.
   """
-  axes = _data_axes(mesh)
+  axes = data_axes(mesh)
   spec = P(axes if axes else None)
 
   def local(x, text, vis):

@@ -48,10 +48,31 @@ def _transfers(model) -> tuple[Callable, Callable]:
   return to_device, to_host
 
 
+@nnx.jit
+def _answer_loss_rows(model, teacher, input_ids, pixel_values, attention_mask, loss_mask):
+  """Per row: Σ over answer tokens of the reference answer's cross-entropy and of
+  KL(teacher ‖ model) of the next-token distributions (0 without a teacher), and the token count."""
+  logp = jax.nn.log_softmax(model(input_ids, pixel_values, attention_mask).astype(jnp.float32))
+  targets = jnp.roll(input_ids, -1, axis=1)
+  ce = -jnp.take_along_axis(logp, targets[..., None], -1)[..., 0]
+  if teacher is None:
+    kl = jnp.zeros_like(ce)
+  else:
+    t_logp = jax.nn.log_softmax(teacher(input_ids, pixel_values, attention_mask).astype(jnp.float32))
+    kl = jnp.sum(jnp.exp(t_logp) * (t_logp - logp), axis=-1)
+  return jnp.stack([jnp.sum(ce * loss_mask, 1), jnp.sum(kl * loss_mask, 1), jnp.sum(loss_mask, 1)], axis=1)
+
+
 def evaluate(model, batches: Iterable[dict[str, Any]], tokenizer, *, question_types: Sequence[str],
              metric: str = "exact_match", max_new_tokens: int = 3, max_examples: int | None = None,
-             predictions: list | None = None) -> dict[str, Any]:
-  """Scores greedy answers over `batches` (pipeline batch dicts).
+             predictions: list | None = None, teacher=None) -> dict[str, Any]:
+  """Scores greedy answers over `batches` (pipeline batch dicts), and the teacher-forced answer losses.
+
+  Besides accuracy, over the reference answers' tokens (`loss_mask`): their mean cross-entropy
+  (`answer_ce`), and with a `teacher`, the mean KL(teacher ‖ model) of the next-token
+  distributions there (`kl_from_teacher`: what distillation lowers; it also sees how far a
+  model is from the teacher where both answer correctly). Exact match moves in whole questions;
+  these see a model's distance from the reference and the teacher below that resolution.
 
   Args:
     model: an LVLM (`models.families`).
@@ -62,13 +83,15 @@ def evaluate(model, batches: Iterable[dict[str, Any]], tokenizer, *, question_ty
     max_new_tokens: answer length budget (eos included).
     max_examples: stop after this many examples on this process (None: all).
     predictions: if a list, (question_type, prediction, answer) tuples are appended.
+    teacher: the full-precision model for `kl_from_teacher` (None: not computed).
   Returns:
-    `metrics.accuracy_table` output: accuracy, count, per_type.
+    accuracy, count, per_type, answer_ce, and kl_from_teacher with a teacher.
   """
   if metric not in METRICS:
     raise ValueError(f"unknown metric {metric!r}; choose one of {sorted(METRICS)}")
   score_fn = METRICS[metric]
   sums = np.zeros((len(question_types), 2))  # per type: score sum, count
+  losses = np.zeros(3)  # answer CE sum, KL sum, answer tokens
   to_device, to_host = _transfers(model)
   seen = 0
   for batch in batches:
@@ -78,11 +101,14 @@ def evaluate(model, batches: Iterable[dict[str, Any]], tokenizer, *, question_ty
                                    to_device(batch["pixel_values"]), max_new_tokens=max_new_tokens,
                                    eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
     out = to_host(out)
+    loss_rows = to_host(_answer_loss_rows(model, teacher, *(to_device(batch[k]) for k in (
+        "input_ids", "pixel_values", "attention_mask", "loss_mask"))))
     n = len(out) if max_examples is None else min(len(out), max_examples - seen)
     valid = batch.get("valid", np.ones(len(out), np.int32))
     for i in range(n):
       if not valid[i]:  # padding that keeps processes in step (pipeline.make_dataset pad_shards)
         continue
+      losses += loss_rows[i]
       pred = tokenizer.decode([int(t) for t in out[i] if t != tokenizer.eos_id])
       qt = int(batch["question_type"][i])
       answers = [str(a) for a in np.atleast_1d(batch["answers"][i])]
@@ -92,7 +118,12 @@ def evaluate(model, batches: Iterable[dict[str, Any]], tokenizer, *, question_ty
     seen += n
   if jax.process_count() > 1:
     sums = np.asarray(multihost_utils.process_allgather(sums), np.float64).sum(axis=0)
+    losses = np.asarray(multihost_utils.process_allgather(losses), np.float64).sum(axis=0)
   per_type = {question_types[i]: {"accuracy": float(s / c), "count": int(c)}
               for i, (s, c) in enumerate(sums) if c}
   total = sums.sum(axis=0)
-  return {"accuracy": float(total[0] / max(total[1], 1)), "count": int(total[1]), "per_type": per_type}
+  out = {"accuracy": float(total[0] / max(total[1], 1)), "count": int(total[1]), "per_type": per_type,
+         "answer_ce": float(losses[0] / max(losses[2], 1))}
+  if teacher is not None:
+    out["kl_from_teacher"] = float(losses[1] / max(losses[2], 1))
+  return out

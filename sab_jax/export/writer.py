@@ -223,7 +223,9 @@ def export(model: nnx.Module, layers: Mapping[str, Any], method: str, provider: 
 
   state = {}
   if layer_tree:
-    state["layers"] = nest({f"{p}.{k}": v for p, parts in layer_tree.items() for k, v in parts.items()})
+    # orbax saves no zero-size array (a layer with no salient rows has an empty residual plane):
+    # the manifest's stored_shape declares it, and the reader rebuilds it
+    state["layers"] = nest({f"{p}.{k}": v for p, parts in layer_tree.items() for k, v in parts.items() if v.size})
   if flat_params:
     state["params"] = nest(flat_params)
   if int8_values:

@@ -10,7 +10,8 @@ construction time.
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+import contextlib
+from typing import Any, Callable, Iterable, Sequence
 
 from flax import nnx
 
@@ -48,6 +49,19 @@ def replace(root: nnx.Module, path: str, new: nnx.Module) -> None:
     parent[last] = new
   else:
     setattr(parent, last, new)
+
+
+@contextlib.contextmanager
+def wrapped(root: nnx.Module, paths: Sequence[str], wrap: Callable[[nnx.Module], nnx.Module]):
+  """Temporarily puts `wrap(layer)` in place of each layer at `paths` (relative to root)."""
+  originals = {p: get(root, p) for p in paths}
+  for p, m in originals.items():
+    replace(root, p, wrap(m))
+  try:
+    yield
+  finally:
+    for p, m in originals.items():
+      replace(root, p, m)
 
 
 def dense_layers(model: nnx.Module) -> list[tuple[str, layers.Dense]]:

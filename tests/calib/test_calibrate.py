@@ -9,8 +9,7 @@ from sab_jax import sharding
 from sab_jax.calib import calibrate
 from sab_jax.models import llava, paths
 from sab_jax.quant import providers, rules
-
-IMG = 3
+from calib.calib_fixture import IMG, batches as _batches
 
 
 class Recording:
@@ -24,20 +23,6 @@ class Recording:
   def __call__(self, kernel, stats):
     self.seen[len(self.seen)] = stats
     return self.inner(kernel, stats)
-
-
-def _batches(cfg, n=2, b=8, seed=0):
-  rng = np.random.default_rng(seed)
-  out = []
-  for _ in range(n):
-    text = rng.integers(5, cfg.text.vocab_size, size=(b, 6))
-    ids = np.concatenate([np.zeros((b, 2)), np.ones((b, 1)), np.full((b, cfg.num_image_tokens), IMG), text], axis=1)
-    mask = (np.arange(ids.shape[1])[None] >= 2).repeat(b, 0).astype(np.int32)
-    mask[::2, 2] = 0  # some rows are padded one token more
-    ids = np.where(mask > 0, ids, 0).astype(np.int32)
-    out.append({"input_ids": ids, "attention_mask": mask,
-                "pixel_values": rng.normal(size=(b, 32, 32, 3)).astype(np.float32)})
-  return out
 
 
 def test_layer_is_calibrated_on_the_binarized_prefix_split_by_modality():
@@ -106,3 +91,21 @@ def test_vision_layers_see_only_image_tokens():
   tower, proj = by_path["vision_tower.layers.0.fc1"], by_path["multi_modal_projector.linear_1"]
   assert (tower.n_text, tower.n_vis) == (0, b * (n_patch + 1))  # the tower also runs the class token
   assert (proj.n_text, proj.n_vis) == (0, b * n_patch)          # 'default' strategy drops it
+
+
+def test_sab_plans_its_salient_rows_over_the_model_within_the_per_layer_bits():
+  """Structured SAB measures the loss sensitivity first, then gives each layer the rows its
+  plan decided: unequal over the layers, no more stored bits than ARB-RC's equal share."""
+  batches = _batches(llava.Model("test", rngs=nnx.Rngs(0)).cfg, answers=True)
+  mesh = sharding.make_mesh({"data": 8})
+  out = {}
+  for name, provider in (("sab", providers.Sab(structured=True)), ("arb_rc", providers.ArbRc(structured=True))):
+    model = llava.Model("test", rngs=nnx.Rngs(0))
+    out[name] = calibrate.binarize_model(model, batches, provider, rules.DECODER_ONLY, mesh, progress=False)
+  rows = {n: {p: int(r.binarized.parts.salient_rows.sum()) for p, r in res.items()} for n, res in out.items()}
+  bits = {n: sum(r.binarized.stored_bits for r in res.values()) for n, res in out.items()}
+  assert bits["sab"] <= bits["arb_rc"], bits
+  assert rows["sab"] != rows["arb_rc"] and len(set(rows["sab"].values())) > 2, rows
+  with pytest.raises(ValueError, match="loss_mask"):
+    calibrate.binarize_model(llava.Model("test", rngs=nnx.Rngs(0)), _batches(llava.Model("test", rngs=nnx.Rngs(0)).cfg),
+                             providers.Sab(), rules.DECODER_ONLY, mesh, progress=False)

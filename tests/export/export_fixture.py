@@ -37,7 +37,9 @@ def calibration(cfg, n_batches=1, batch=8, text_len=5, seed=0):
     mask = np.ones((batch, length), np.int32)
     mask[:, 0] = 0
     ids[:, 0] = 0
-    out.append({"input_ids": ids, "attention_mask": mask,
+    loss_mask = np.zeros((batch, length), np.float32)
+    loss_mask[:, -3:-1] = 1.0  # the last text tokens are the "answer" (SAB's significance pass)
+    out.append({"input_ids": ids, "attention_mask": mask, "loss_mask": loss_mask,
                 "pixel_values": r.normal(size=(batch, cfg.vision.image_size, cfg.vision.image_size, 3))
                 .astype(np.float32)})
   return out

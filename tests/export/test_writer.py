@@ -16,6 +16,7 @@ from sab_jax.export import manifest as manifest_lib
 from sab_jax.export import packing, reader, writer
 from sab_jax.models import llava, paths
 from sab_jax.quant import providers
+from quant.sensitivity_fixture import with_sensitivity
 
 
 @nnx.jit
@@ -109,7 +110,7 @@ def test_bits_from_bytes_match_the_formula_on_a_256_layer(case, tmp_path):
   r = np.random.default_rng(1)
   x = (r.normal(size=(512, n)) * r.lognormal(0, 1, n)).astype(np.float32)
   h = jnp.asarray(2 / len(x) * x.T @ x)
-  b = CASES_256[case](model.proj.kernel[...], providers.LayerStats(h, h, len(x), len(x)))
+  b = CASES_256[case](model.proj.kernel[...], with_sensitivity(providers.LayerStats(h, h, len(x), len(x)), n))
   out = writer.export(model, {"proj": b}, case, CASES_256[case], str(tmp_path / "e"))
   # The bytes counted are those of the arrays orbax holds for the layer.
   with ocp.StandardCheckpointer() as ckpt:
@@ -238,3 +239,22 @@ def test_export_of_an_abstract_model_with_abstract_w_hat(export_root, tmp_path):
   empty = nnx.eval_shape(lambda: llava.Model("test", rngs=nnx.Rngs(0)))
   with pytest.raises(ValueError, match="is abstract.*only binarized kernels may be"):
     writer.export(empty, shaped, "sab_structured", CASES["sab_structured"], str(tmp_path / "x"), verify=False)
+
+
+def test_a_layer_without_salient_rows_exports_and_loads(tmp_path):
+  """Its residual plane is empty: declared in the manifest, not saved (orbax saves no
+  zero-size array), and rebuilt on load."""
+  n = 128
+  model = OneDense(n, n)
+  r = np.random.default_rng(2)
+  x = r.normal(size=(256, n)).astype(np.float32)
+  h = jnp.asarray(2 / len(x) * x.T @ x)
+  provider = providers.Sab(structured=True)
+  b = provider.binarize_with_lambda(model.proj.kernel[...], providers.LayerStats(h, h, len(x), len(x)),
+                                    jnp.ones((n, n)), salient_total=0)
+  writer.export(model, {"proj": b}, "sab_structured", provider, str(tmp_path / "e"))
+  with open(tmp_path / "e" / manifest_lib.MANIFEST) as f:
+    parts = json.load(f)["layers"][0]["parts"]
+  assert 0 in parts["residual_signs"]["stored_shape"]
+  loaded, _ = reader.load(str(tmp_path / "e"), OneDense(n, n))
+  np.testing.assert_array_equal(np.asarray(loaded.proj.kernel[...]), np.asarray(b.w_hat))

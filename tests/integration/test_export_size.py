@@ -17,6 +17,7 @@ from sab_jax.export import packing
 from sab_jax.models import layers, paths
 from sab_jax.quant import providers
 from sab_jax.quant.core import bits_core
+from quant.sensitivity_fixture import with_sensitivity
 
 REPO = os.path.join(os.path.dirname(__file__), "..", "..")
 SCRIPT = os.path.join(REPO, "experiments", "benchmarks", "export_size.py")
@@ -42,7 +43,7 @@ def _real(shape, provider=SAB):
   stats = providers.LayerStats(jnp.asarray(2 / len(x_t) * x_t.T @ x_t, jnp.float32),
                                jnp.asarray(2 / len(x_v) * x_v.T @ x_v, jnp.float32), len(x_t), len(x_v))
   w = jnp.asarray(r.normal(size=shape) / np.sqrt(n_in), jnp.float32)
-  return provider(w, stats)
+  return provider(w, with_sensitivity(stats, shape[1]))
 
 
 # 1024x768: two full 512-row groups. 588x64 (LLaVA's patch embedding rows): a full group and

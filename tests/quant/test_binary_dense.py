@@ -10,16 +10,17 @@ from flax import nnx
 from sab_jax.quant import binary_dense, providers
 from sab_jax.quant.providers.base import LayerStats
 from sab_jax.train import distill
+from quant.sensitivity_fixture import with_sensitivity
 
 PROVIDERS = {"xnor": providers.Xnor(), "sab_structured": providers.Sab(structured=True),
              "arb_rc": providers.ArbRc(), "sab": providers.Sab(), "billm": providers.BiLLM(),
              "pbllm": providers.PbLlm()}
 
 
-def _stats(rng, n_in):
+def _stats(rng, n_in, n_out):
   x = rng.standard_normal((256, n_in)).astype(np.float32) * rng.uniform(0.5, 2, n_in).astype(np.float32)
   h = jnp.asarray(2 / 256 * x.T @ x)
-  return LayerStats(h, h * 1.5, 256, 256)
+  return with_sensitivity(LayerStats(h, h * 1.5, 256, 256), n_out)
 
 
 @pytest.mark.parametrize("name,shape", [
@@ -28,7 +29,7 @@ def _stats(rng, n_in):
 def test_binary_dense_starts_as_the_ptq_layer(name, shape):
   rng = np.random.default_rng(shape[0])
   w = jnp.asarray(rng.standard_normal(shape).astype(np.float32) * 0.02)
-  b = PROVIDERS[name](w, _stats(rng, shape[0]))
+  b = PROVIDERS[name](w, _stats(rng, *shape))
   parts = b.parts.map(np.asarray)
   layer = binary_dense.BinaryDense(parts)
   np.testing.assert_array_equal(np.asarray(layer.weight()), np.asarray(b.w_hat))
@@ -44,7 +45,7 @@ def test_only_latents_and_scales_get_gradients_and_masks_never_change():
   shape = (256, 64)
   w = jnp.asarray(rng.standard_normal(shape).astype(np.float32) * 0.02)
   provider = providers.ArbRc()
-  b = provider(w, _stats(rng, shape[0]))
+  b = provider(w, _stats(rng, *shape))
   layer = binary_dense.BinaryDense(b.parts)
   x = jnp.asarray(rng.standard_normal((4, shape[0])).astype(np.float32))
   grads = nnx.grad(lambda m: jnp.sum(m(x) ** 2), argnums=nnx.DiffState(0, distill.TRAINABLE))(layer)
@@ -63,7 +64,7 @@ def test_latent_gradient_of_an_xnor_layer():
   rng = np.random.default_rng(1)
   n_in, n_out = 64, 32
   w = jnp.asarray(rng.standard_normal((n_in, n_out)).astype(np.float32))
-  b = providers.Xnor()(w, _stats(rng, n_in))
+  b = providers.Xnor()(w, _stats(rng, n_in, w.shape[1]))
   layer = binary_dense.BinaryDense(b.parts, clip=0.5)
   layer.kernel[...] = w  # latent wider than the clip in places
   x = jnp.asarray(rng.standard_normal((3, n_in)).astype(np.float32))

@@ -17,6 +17,7 @@ from sab_jax.export import packing
 from sab_jax.quant import METHODS, binary_dense, providers
 from sab_jax.quant.providers import base
 from sab_jax.serve import packed
+from quant.sensitivity_fixture import with_sensitivity
 
 VARIANTS = {
     "xnor": providers.Xnor(),
@@ -38,7 +39,7 @@ def _binarized(provider, shape, seed=0):
   x_v = rng.standard_normal((300, shape[0])).astype(np.float32)
   w = jnp.asarray(rng.standard_normal(shape).astype(np.float32) / np.sqrt(shape[0]))
   stats = base.LayerStats(jnp.asarray(2 / 400 * x_t.T @ x_t), jnp.asarray(2 / 300 * x_v.T @ x_v), 400, 300)
-  return provider(w, stats)
+  return provider(w, with_sensitivity(stats, shape[1], seed))
 
 
 def test_every_method_is_covered():

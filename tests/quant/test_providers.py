@@ -1,5 +1,6 @@
 """Every method end to end on a Gaussian layer with correlated, two-modality inputs."""
 
+import dataclasses
 import functools
 
 import jax.numpy as jnp
@@ -8,7 +9,9 @@ import pytest
 
 from sab_jax.quant import METHODS, ArbRc, BiLLM, LayerStats, PbLlm, Sab, Xnor
 from sab_jax.quant.core import bits_core
-from sab_jax.quant.providers import base
+from sab_jax.quant.providers import base, salient_split
+from sab_jax.quant.providers.sab import fisher_objective
+from quant.sensitivity_fixture import with_sensitivity
 
 N_IN, N_OUT = 256, 256
 
@@ -27,7 +30,7 @@ def _layer(n_in=N_IN, n_out=N_OUT):
   w = (np.random.default_rng(0).normal(size=(n_in, n_out)) / np.sqrt(n_in)).astype(np.float32)
   stats = LayerStats(jnp.asarray(2 / len(x_t) * x_t.T @ x_t), jnp.asarray(2 / len(x_v) * x_v.T @ x_v),
                      len(x_t), len(x_v))
-  return w, np.concatenate([x_t, x_v]), stats
+  return w, np.concatenate([x_t, x_v]), with_sensitivity(stats, n_out)
 
 
 @functools.cache
@@ -73,7 +76,8 @@ def test_output_error_ranking():
 def test_lambda_one_reproduces_arb_rc_bitwise():
   """SAB's step 6 with Λ ≡ 1 is ARB-RC, bit for bit (w_hat and every part)."""
   w, _, stats = _layer()
-  sab = Sab().binarize_with_lambda(jnp.asarray(w), stats, jnp.ones(w.shape))
+  sab = Sab(salient_rows="search", salient_budget="layer").binarize_with_lambda(jnp.asarray(w), stats,
+                                                                                jnp.ones(w.shape))
   arb = _run("arb_rc")
   np.testing.assert_array_equal(sab.w_hat, arb.w_hat)
   for key, value in arb.parts.arrays().items():
@@ -82,12 +86,12 @@ def test_lambda_one_reproduces_arb_rc_bitwise():
 
 
 def test_single_modality_sab_matches_arb_rc():
-  """No image tokens: Λ is constant and the search, the ALS and the sign refinement are
-  scale-invariant, so SAB ≈ ARB-RC: the same layer error, and the same Ŵ up to float
-  rounding (a bf16 rounding of a scale may land the other way on a few rows)."""
+  """The paper's map with no image tokens: Λ is constant and the search, the ALS and the sign
+  refinement are scale-invariant, so SAB ≈ ARB-RC: the same layer error, and the same Ŵ up
+  to float rounding (a bf16 rounding of a scale may land the other way on a few rows)."""
   w, _, stats = _layer()
   text_only = LayerStats(stats.h_text, jnp.zeros_like(stats.h_vis), stats.n_text, 0)
-  sab, arb = Sab()(jnp.asarray(w), text_only), ArbRc()(jnp.asarray(w), text_only)
+  sab, arb = Sab(significance="hessian")(jnp.asarray(w), text_only), ArbRc()(jnp.asarray(w), text_only)
   np.testing.assert_array_equal(np.asarray(sab.parts.salient_rows), np.asarray(arb.parts.salient_rows))
   close = np.isclose(np.asarray(sab.w_hat), np.asarray(arb.w_hat), rtol=1e-3, atol=1e-4)
   assert close.mean() > 0.99, close.mean()
@@ -98,7 +102,7 @@ def test_lambda_actually_changes_sab():
   """With two modalities Λ is not constant, so SAB differs from ARB-RC, Λ² more so."""
   d1 = float(jnp.max(jnp.abs(_run("sab").w_hat - _run("arb_rc").w_hat)))
   assert d1 > 1e-4
-  sig = Sab().significance(jnp.asarray(_layer()[0]), _layer()[2])
+  sig = Sab(significance="hessian").significance_map(jnp.asarray(_layer()[0]), _layer()[2])
   assert float(jnp.std(sig.lam)) > 0.01
 
 
@@ -153,7 +157,7 @@ def test_ragged_input_dimension():
   x = _inputs(3, 256, 72)
   w = jnp.asarray(r.normal(size=(72, 24)), jnp.float32)
   h = jnp.asarray(2 / 256 * x.T @ x)
-  stats = LayerStats(h, h, 256, 256)
+  stats = with_sensitivity(LayerStats(h, h, 256, 256), 24)
   for p in (PbLlm(block_size=32), BiLLM(block_size=32), Sab(block_size=32, iters=3)):
     b = p(w, stats)
     assert b.w_hat.shape == (72, 24) and bool(jnp.all(jnp.isfinite(b.w_hat)))
@@ -167,7 +171,7 @@ def test_layer_narrower_than_a_block():
   x = _inputs(4, 256, 64)
   w = jnp.asarray(r.normal(size=(64, 16)), jnp.float32)
   h = jnp.asarray(2 / 256 * x.T @ x)
-  stats = LayerStats(h, h, 256, 256)
+  stats = with_sensitivity(LayerStats(h, h, 256, 256), 16)
   for p in (Sab(iters=3, salient_rows=0.08), Sab(iters=3, structured=True), BiLLM(salient_rows=0.08)):
     b = p(w, stats)
     assert int(b.parts.salient_rows.sum()) == 5  # round(0.08 · 64) (structured: its 8% default)
@@ -176,3 +180,108 @@ def test_layer_narrower_than_a_block():
     b = p(w, stats)
     assert 1 <= int(b.parts.salient_rows.sum()) < 64
     np.testing.assert_array_equal(base.dequantize(b.parts), b.w_hat)
+
+
+# --- SAB's loss-calibrated significance ("fisher") ------------------------------------------------
+
+def test_fisher_objective_closed_form():
+  """Text-only gradients: compensation with H_t alone, Λ[j,k] = g_t[k]/mean(g_t) on every row
+  (the image tokens' Hessian drops out); no gradient at all: the count-weighted H and Λ ≡ 1."""
+  _, _, stats = _layer()
+  g = jnp.asarray(np.random.default_rng(4).lognormal(0, 1, N_OUT), jnp.float32)
+  sens = base.OutputSensitivity(g, jnp.zeros_like(g), jnp.diag(stats.h_text), jnp.diag(stats.h_vis))
+  h, lam = fisher_objective(dataclasses.replace(stats, sensitivity=sens))
+  np.testing.assert_allclose(np.asarray(h), np.asarray(stats.h_text), rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(lam), np.broadcast_to(np.asarray(g / jnp.mean(g)), (N_IN, N_OUT)), rtol=1e-5)
+  dead = base.OutputSensitivity(jnp.zeros_like(g), jnp.zeros_like(g), sens.diag_text, sens.diag_vis)
+  h, lam = fisher_objective(dataclasses.replace(stats, sensitivity=dead))
+  np.testing.assert_array_equal(np.asarray(h), np.asarray(stats.h))
+  assert bool(jnp.all(lam == 1.0))
+  # with both modalities, Λ varies within rows and across them, and averages 1 along each row
+  _, lam = fisher_objective(_layer()[2])
+  lam = np.asarray(lam)
+  assert lam.std(axis=1).min() > 0.1 and lam[:, 0].std() > 0.01
+  np.testing.assert_allclose(lam.mean(axis=1), 1.0, rtol=0.3)
+
+
+def test_fisher_sab_needs_the_sensitivity_and_budget_needs_fisher():
+  w, _, stats = _layer()
+  with pytest.raises(ValueError, match="significance='hessian'"):
+    Sab()(jnp.asarray(w), dataclasses.replace(stats, sensitivity=None))
+  with pytest.raises(ValueError, match="needs significance='fisher'"):
+    Sab(structured=True, significance="hessian", salient_budget="model")
+  with pytest.raises(ValueError, match="searched counts"):
+    Sab(salient_rows="search", salient_budget="model")
+  # "auto": the whole-model budget with the loss-calibrated map, each layer's own with the paper's
+  assert Sab()._budget == "model" and Sab(significance="hessian")._budget == "layer"
+  assert Sab().layout_salient_rows == 0.09 and Sab(significance="hessian").layout_salient_rows == "search" and Sab(structured=True).layout_salient_rows == "search"
+  with pytest.raises(ValueError, match="significance="):
+    Sab(significance="obs")
+  assert Sab().sensitivity_options() == {"samples": 1, "normalize": "question", "seed": 0}
+  assert Sab(significance="hessian").sensitivity_options() is None
+
+
+def test_fisher_sab_beats_arb_rc_on_its_objective():
+  """On the loss-weighted output error Σ_k Δ_kᵀ(g_t[k]H_t + g_v[k]H_v)Δ_k, which it targets."""
+  w, _, stats = _layer()
+  sens = stats.sensitivity
+  obj = lambda w_hat: float(sum(
+      jnp.einsum("jk,ji,ik->k", w - w_hat, h, w - w_hat) @ g
+      for h, g in ((stats.h_text, sens.grad_text), (stats.h_vis, sens.grad_vis))))
+  assert obj(_run("sab").w_hat) < 0.97 * obj(_run("arb_rc").w_hat)
+
+
+def test_model_budget_goes_where_the_loss_is_and_costs_no_more_bits():
+  w, _, stats = _layer()
+  weight = np.asarray(with_sensitivity(stats, N_OUT).sensitivity.grad_text)[None, :] * np.diag(np.asarray(stats.h))[:, None]
+  fixed = salient_split.salient_count("search", 256, structured=True)
+  cost = N_OUT + 16 + 8
+  even = salient_split.model_salient_budget({"a": (w, weight), "b": (w, weight)}, block_size=128, scale_block=256,
+                                            salient_rows="search")
+  assert abs(even["a"] - even["b"]) <= 1 and (even["a"] + even["b"]) * cost <= 2 * fixed * cost
+  assert even["a"] + even["b"] >= 2 * fixed - 1
+  skewed = salient_split.model_salient_budget({"a": (w, 100 * weight), "b": (w, weight)}, block_size=128,
+                                              scale_block=256, salient_rows="search")
+  assert skewed["a"] > 1.5 * fixed > skewed["b"] and skewed["a"] + skewed["b"] <= 2 * fixed
+
+
+def test_a_layer_with_no_salient_rows():
+  """The model budget may give a layer none: one sign plane with its scales, finite, exact parts."""
+  w, _, stats = _layer()
+  b = Sab(structured=True, scale_block=128).binarize_with_lambda(jnp.asarray(w), stats, jnp.ones(w.shape),
+                                                                 salient_total=0)
+  assert int(b.parts.salient_rows.sum()) == 0 and bool(jnp.all(jnp.isfinite(b.w_hat)))
+  np.testing.assert_array_equal(base.dequantize(b.parts), b.w_hat)
+  assert b.error["output_rel"] < 1.0
+
+
+def test_unstructured_layer_total_replaces_the_per_block_count():
+  """A fixed fraction with a plan's total: that many salient rows in the layer, spread over the
+  blocks where a residual plane helps most, and counted block by block."""
+  w, _, stats = _layer()
+  h, lam = fisher_objective(stats)
+  b = Sab(salient_rows=0.08).binarize_with_lambda(jnp.asarray(w), stats, lam, h=h, salient_total=31)
+  sal = np.asarray(b.parts.salient_rows)
+  per_block = [int(sal[:128].sum()), int(sal[128:].sum())]
+  assert sum(per_block) == 31 and per_block != [10, 10]
+  c = bits_core.salient_split_bits(N_IN, N_OUT, block_rows=[128, 128], salient_per_block=per_block, mode="rc",
+                                   split=True, salient_groups=True)
+  assert b.stored_bits == c.stored_bits
+  np.testing.assert_array_equal(base.dequantize(b.parts), b.w_hat)
+  with pytest.raises(ValueError, match="fixed salient_rows"):
+    salient_split.model_salient_budget({"a": (w, np.ones_like(w))}, block_size=128, scale_block=None,
+                                       salient_rows="search")
+  searched = Sab(salient_rows="search", salient_budget="layer")
+  assert searched.plan({"a": w}, {"a": stats.sensitivity}) == {"a": None}  # searched per block: nothing ahead
+  planned = Sab(salient_rows=0.08).plan({"a": w, "b": 2 * w}, {"a": stats.sensitivity, "b": stats.sensitivity})
+  assert planned["b"] > planned["a"] and planned["a"] + planned["b"] <= 2 * 20
+
+
+def test_uniform_ablation_is_arb_rc_on_one_layer():
+  """Every output felt alike: the count-weighted Hessian and Λ ≡ 1, i.e. ARB-RC (up to the
+  float rounding of the re-weighted Hessian); only its whole-model allocation differs."""
+  w, _, stats = _layer()
+  uni = Sab(significance="uniform", salient_rows="search", salient_budget="layer")(jnp.asarray(w), stats)
+  arb = _run("arb_rc")
+  np.testing.assert_array_equal(np.asarray(uni.parts.salient_rows), np.asarray(arb.parts.salient_rows))
+  assert uni.error["output_rel"] == pytest.approx(arb.error["output_rel"], rel=1e-3)

@@ -13,6 +13,7 @@ from sab_jax.eval import vqa
 from sab_jax.export import writer
 from sab_jax.serve import packed
 from sab_jax.quant import providers
+from quant.sensitivity_fixture import with_sensitivity
 
 
 def _predictions(ctx, model, max_examples=None):
@@ -65,7 +66,8 @@ def test_export_predictions_equal_in_memory_on_250_test_questions(binarized):
     assert any(isinstance(m, packed.PackedDense) for _, m in nnx.iter_graph(served))
     table, got = _predictions(ctx, served, max_examples=250)
     assert got == ref, name
-    assert table == ref_table
+    ce, ref_ce = table.pop("answer_ce"), ref_table.pop("answer_ce")
+    assert table == ref_table and ce == pytest.approx(ref_ce, rel=1e-5)
     if next(iter(layers.values())).binarized.parts.planes() is not None:
       fast, _ = packed.from_export(directory, ctx.new_model(), mode="kernel")
       _, got_fast = _predictions(ctx, fast, max_examples=250)
@@ -87,14 +89,15 @@ def test_export_predictions_equal_in_memory_on_the_whole_test_split(binarized):
     assert any(isinstance(m, packed.PackedDense) for _, m in nnx.iter_graph(served))
     table, got = _predictions(ctx, served)
     assert got == ref, name
-    assert table == ref_table
+    ce, ref_ce = table.pop("answer_ce"), ref_table.pop("answer_ce")
+    assert table == ref_table and ce == pytest.approx(ref_ce, rel=1e-5)
 
 
-def _stats(rng, n_in):
+def _stats(rng, n_in, n_out):
   from sab_jax.quant.providers.base import LayerStats
   x = rng.standard_normal((256, n_in)).astype(np.float32)
   h = jnp.asarray(2 / 256 * x.T @ x)
-  return LayerStats(h, h, 256, 256)
+  return with_sensitivity(LayerStats(h, h, 256, 256), n_out)
 
 
 # Fast: one shape, a layout with bit planes (the kernels) and one without.
@@ -111,7 +114,7 @@ def test_packed_dense_matches_the_dequantized_kernel(name, n_in, n_out):
   provider = {"sab_structured": providers.Sab(structured=True),
               "arb_rc_structured": providers.ArbRc(structured=True)}.get(name) or providers.METHODS[name]()
   w = jnp.asarray(rng.standard_normal((n_in, n_out)).astype(np.float32))
-  b = provider(w, _stats(rng, n_in))
+  b = provider(w, _stats(rng, n_in, n_out))
   parts = b.parts.map(np.asarray)
   bias = rng.standard_normal(n_out).astype(np.float32)
   x = jnp.asarray(rng.standard_normal((2, 3, n_in)).astype(np.float32))

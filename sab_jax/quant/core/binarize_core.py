@@ -484,8 +484,8 @@ def residual_plane_gain(w: jax.Array, weight: jax.Array, hinv_diag: jax.Array) -
 
 
 def allocate_salient_rows(w: jax.Array, weight: jax.Array, hinv_diag: jax.Array, valid: jax.Array,
-                          budget: int) -> jax.Array:
-  """`[rows]` bool: the layer-wide `budget` (static) rows of largest `residual_plane_gain`."""
+                          budget: int | jax.Array) -> jax.Array:
+  """`[rows]` bool: the layer-wide `budget` (static or traced) rows of largest `residual_plane_gain`."""
   return (_descending_rank(residual_plane_gain(w, weight, hinv_diag), valid) < budget) & valid
 
 

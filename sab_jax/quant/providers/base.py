@@ -33,12 +33,53 @@ from sab_jax.quant.core import bits_core, gptq_core
 
 
 @dataclasses.dataclass(frozen=True)
+class OutputSensitivity:
+  """How much the model's loss feels one Dense layer's outputs, per modality (float32).
+
+  From the full-precision model (`calib.sensitivity`): with ĝ_t = ∂L/∂y_t the gradient of
+  the answer loss (labels sampled from the model itself: the true Fisher) at token t's output,
+  each question's ĝ² scaled so that the question weighs 1 over all probed layers,
+    grad_m[k] = Σ_{t ∈ m} ĝ_tk²,   diag_m[j] = 2/N_m Σ_{t ∈ m} x_tj²   (m = text, image).
+  To second order (diagonal Fisher per output, K-FAC's independence of x and ĝ), an error Δ
+  of the kernel costs ΔL ≈ ¼ Σ_m Σ_k grad_m[k] · Δ_kᵀ H_m Δ_k with H_m = 2/N_m Σ_{t∈m} x xᵀ,
+  in the same units in every layer: this is what lets a significance map compare layers.
+  A modality whose gradient vanishes at this layer (image tokens after the last layer that
+  can reach an answer) has grad_m ≡ 0, and its tokens then cost nothing here, by measurement.
+  """
+  grad_text: jax.Array  # [out]
+  grad_vis: jax.Array   # [out]
+  diag_text: jax.Array  # [in]
+  diag_vis: jax.Array   # [in]
+  n_text: float = 0.0   # tokens of each modality the pass saw (per label draw)
+  n_vis: float = 0.0
+
+  def uniform(self) -> "OutputSensitivity":
+    """The same inputs with every output felt alike on every token (ĝ ≡ 1): what is left of
+    the map without the loss gradients (an ablation)."""
+    ones = jnp.ones_like(self.grad_text)
+    return dataclasses.replace(self, grad_text=self.n_text * ones, grad_vis=self.n_vis * ones)
+
+
+def uniform_sensitivity(stats: "LayerStats", n_out: int) -> OutputSensitivity:
+  """No measurement: every output felt alike on every token (ĝ ≡ 1). SAB's loss-calibrated
+  objective is then the count-weighted Hessian with Λ ≡ 1 (ARB-RC's), on SAB's code path:
+  for timing it, or for a lone kernel that belongs to no model."""
+  zeros = jnp.zeros((n_out,), jnp.float32)
+  return OutputSensitivity(grad_text=zeros, grad_vis=zeros, diag_text=jnp.diag(stats.h_text),
+                           diag_vis=jnp.diag(stats.h_vis), n_text=stats.n_text, n_vis=stats.n_vis).uniform()
+
+
+@dataclasses.dataclass(frozen=True)
 class LayerStats:
   """Calibration statistics of one Dense layer's inputs (float32)."""
   h_text: jax.Array  # [in, in] = 2/N_t Σ_text x xᵀ (zeros if N_t == 0)
   h_vis: jax.Array   # [in, in] = 2/N_v Σ_image x xᵀ (zeros if N_v == 0)
   n_text: int
   n_vis: int
+  # The loss's sensitivity to this layer's outputs, for providers that ask for it (`Provider.plan`).
+  sensitivity: OutputSensitivity | None = None
+  # What the provider's `plan` decided for this layer from the whole model (e.g. its salient-row budget).
+  plan: Any = None
 
   @property
   def h(self) -> jax.Array:
@@ -213,6 +254,25 @@ class Provider(Protocol):
 
   def from_arrays(self, arrays: Mapping[str, Any]) -> Parts:
     """The typed parts of stored arrays (the inverse of `Parts.arrays`)."""
+    ...
+
+
+class ModelPlanner(Protocol):
+  """A provider that decides across the whole model before binarizing any layer (optional).
+
+  The calibration pass then measures `OutputSensitivity` of every selected layer on the
+  full-precision model (`sensitivity_options` are `calib.sensitivity.measure`'s keyword
+  arguments), calls `plan` once, and hands each layer its sensitivity and plan entry in
+  `LayerStats`.
+  """
+
+  def sensitivity_options(self) -> dict[str, Any] | None:
+    """None: no sensitivity pass (e.g. a setting of the provider that does not use it)."""
+    ...
+
+  def plan(self, kernels: Mapping[str, jax.Array], sensitivity: Mapping[str, OutputSensitivity]
+           ) -> dict[str, Any]:
+    """Per layer path, what `LayerStats.plan` carries to that layer's binarization."""
     ...
 
 

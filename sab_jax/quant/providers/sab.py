@@ -1,14 +1,30 @@
 """SAB: significance-aware binarization (SAB-LVLM, arXiv 2607.01876), and ARB-RC.
 
-Steps 2–5 (`core.significance_core`) give Λ per kernel entry; step 6 runs the
-salient-row block quantizer under GPTQ compensation (`salient_split.salient_split_ptq`) with
-the ARB-RC alternating least squares weighted by `Λ^lambda_power`, and the salient
-input channels of each block ranked by `Σ_k Λ^p[j,k]·W[j,k]²/[H_F⁻¹]_jj` (the
-Λ-weighted OBS saliency over the row, total H). ARB-RC (ARB-LLM arXiv 2410.03129) is
-the same code path with Λ ≡ 1.
+Significance decides where the precision goes and how errors are weighed
+(`significance="fisher"`, the default). The calibration pass first measures, on the
+full-precision model, how much the answer loss feels each selected layer's outputs, per
+modality (`calib.sensitivity`: true-Fisher gradients, each question weighing 1;
+`base.OutputSensitivity`). To second order an error Δ of a kernel then costs
+`ΔL ≈ ¼ Σ_k Δ_kᵀ (g_t[k] H_t + g_v[k] H_v) Δ_k`, in the same units in every layer, so:
+  * across the model (`plan`, `salient_split.model_salient_budget`): the salient rows (each a
+    residual plane with its scales) go to the layers and rows where they lower this loss most
+    per stored bit, within the stored bits of the same fraction in every layer: a fixed
+    `salient_rows` fraction, or the structured layout's 8% (`salient_budget="model"`);
+  * within a layer (`fisher_objective`): GPTQ compensates with `ḡ_t H_t + ḡ_v H_v` (a modality
+    the loss does not feel at a layer drops out, e.g. image tokens after the last layer that
+    reaches an answer) and the ARB-RC fits weigh entry (j, k) by
+    `Λ = (g_t[k] H_t[j,j] + g_v[k] H_v[j,j]) / (ḡ_t H_t[j,j] + ḡ_v H_v[j,j])`.
+On the demo this is what separates SAB from ARB-RC and BiLLM at equal stored bits
+(RESULTS.md, "Significance that allocates precision"); `significance="uniform"` (every output
+felt alike: the same allocation by each layer's Hessian output error) shows the gradients
+are what matters.
 
-Error weight: Λ (lambda_power = 1) by default; Λ² is the ablation (the paper does not
-say which it uses).
+`significance="hessian"` is the paper as written (steps 2–5, `core.significance_core`): Λ per
+kernel entry from the modality Hessians alone, `Λ^lambda_power` weighting the ARB-RC
+alternating least squares, the salient input channels of each block ranked by
+`Σ_k Λ^p[j,k]·W[j,k]²/[H_F⁻¹]_jj`. Its Λ is constant along each input row (W² cancels in the
+modality ratio) and only re-weights the fits, which moves accuracy by less than the noise
+over calibration draws. ARB-RC (ARB-LLM arXiv 2410.03129) is the same code path with Λ ≡ 1.
 
 Parts: `salient_split.SalientSplitParts` in "rc" mode (alpha_out `[n_blocks, 6, out]`
 and alpha_in `[in, 4]` with the split and two salient groups, `[n_blocks, 4, out]` and
@@ -24,9 +40,9 @@ Structured mode (`structured=True`), a layout that really stores ≤ 1.2 bits/we
     `groupsize`; GPTQ still compensates every `block_size` inputs, and each row's
     alpha_in is the exact minimiser given alpha_out on the compensated weights;
   * the salient-row budget is `round(salient_rows · scale_block)` per group
-    (`salient_budget="group"`) or, by default, that total spread over the layer's groups
-    where a residual plane lowers the error most (`salient_budget="layer"`: the same bits,
-    8–26% less layer error on 7B shapes, RESULTS.md).
+    (`salient_budget="group"`), that total spread over the layer's groups where a residual
+    plane lowers the error most (`"layer"`: the same bits, 8–26% less layer error on 7B
+    shapes, RESULTS.md), or the model's total spread over its layers (`"model"`, above).
   Stored bits/weight ≈ 1 (signs) + f_sal (residual plane) + 3·16/scale_block (alpha_out)
   + 16·(1 + f_sal)/out (alpha_in) + salient-row positions; with scale_block 512
   (41 salient rows per group): 1.175 on 4096×11008 and 1.182 on 11008×4096.
@@ -42,6 +58,45 @@ import jax.numpy as jnp
 
 from sab_jax.quant.core import significance_core
 from sab_jax.quant.providers import base, salient_split
+
+SIGNIFICANCE = ("fisher", "hessian", "uniform")
+# Salient rows per layer (a fraction of its rows) the unstructured layout's whole-model budget
+# prices by default: a little under the stored bits of ARB-RC's searched counts on the demo (RESULTS.md).
+UNSTRUCTURED_ROWS = 0.09
+
+
+@jax.jit
+def _fisher_objective(h_text, h_vis, grad_text, grad_vis, h_count):
+  f_t, f_v = jnp.mean(grad_text), jnp.mean(grad_vis)
+  total = f_t + f_v
+  live = total > 0
+  safe = jnp.where(live, total, 1.0)
+  h = jnp.where(live, (f_t * h_text + f_v * h_vis) / safe, h_count)
+  d_t, d_v = jnp.diag(h_text)[:, None], jnp.diag(h_vis)[:, None]
+  num = grad_text[None, :] * d_t + grad_vis[None, :] * d_v
+  den = f_t * d_t + f_v * d_v
+  lam = jnp.where(live & (den > 0), num / jnp.where(den > 0, den, 1.0), 1.0)
+  return h, lam
+
+
+def fisher_objective(stats: base.LayerStats) -> tuple[jax.Array, jax.Array]:
+  """(H, Λ) of the loss-calibrated objective Σ_k Δ_kᵀ (g_t[k] H_t + g_v[k] H_v) Δ_k.
+
+  GPTQ needs one Hessian for every output, so it compensates with the outputs' mean
+  `ḡ_t H_t + ḡ_v H_v` (normalised; a modality the loss does not feel here drops out of the
+  compensation), and the per-output part goes into the ALS error weights
+  `Λ[j,k] = (g_t[k] H_t[j,j] + g_v[k] H_v[j,j]) / (ḡ_t H_t[j,j] + ḡ_v H_v[j,j])` (mean 1 along
+  a row). A layer the loss does not feel at all keeps the count-weighted Hessian and Λ ≡ 1.
+  """
+  sens = stats.sensitivity
+  return _fisher_objective(stats.h_text, stats.h_vis, sens.grad_text, sens.grad_vis, stats.h)
+
+
+def loss_weight(sens: base.OutputSensitivity) -> jax.Array:
+  """`[in, out]` `g_t[k]·H_t[j,j] + g_v[k]·H_v[j,j]` on the full-precision inputs: a weight
+  error's loss cost per unit², comparable across layers (the diagonal of the objective)."""
+  return sens.grad_text[None, :] * sens.diag_text[:, None] + sens.grad_vis[None, :] * sens.diag_vis[:, None]
+
 
 _significance = jax.jit(significance_core.significance_map,
                         static_argnames=("has_text", "has_vis", "salient_top_p",
@@ -61,8 +116,10 @@ class Sab:
   # ALS error weight is Λ**lambda_power (1: Λ, 2: Λ²).
   lambda_power: float = 1
   # Input channels with 2nd-order residual binarization: "search" (per block, as BiLLM /
-  # ARB-LLM search it; 8% per scale group in the structured layout) or a fraction per block.
-  salient_rows: float | str = "search"
+  # ARB-LLM search it; 8% per scale group in the structured layout), a fraction per block
+  # (or per scale group), or "auto": with the whole-model budget UNSTRUCTURED_ROWS of every
+  # layer's rows (priced over the model, `plan`), else "search".
+  salient_rows: float | str = "auto"
   # Inputs per GPTQ block (and per alpha_out / salient-row budget when not structured).
   block_size: int = 128
   # ARB-RC alternating sweeps per group.
@@ -79,32 +136,106 @@ class Sab:
   # Structured mode: inputs sharing alpha_out and a salient-row budget (multiple of
   # block_size; GPTQ still compensates every block_size inputs).
   scale_block: int = 512
-  # Structured mode: "group", the same salient-row count in every scale block, or "layer",
-  # the same total spread over the layer's scale blocks where a residual plane helps most.
-  salient_budget: str = "layer"
+  # Structured mode: "group", the same salient-row count in every scale block; "layer", the
+  # same total spread over the layer's scale blocks where a residual plane helps most; "model"
+  # (significance "fisher" / "uniform"), the same stored bits as "layer" over the whole model,
+  # spent on the rows whose residual plane lowers the loss most per bit (`plan`; also the
+  # unstructured layout's, with a fixed fraction); "auto": "model" unless significance is
+  # "hessian" (then "layer").
+  salient_budget: str = "auto"
+  # "fisher": the loss-calibrated map of `OutputSensitivity` (module doc); "hessian": the
+  # paper's Λ from the modality Hessians alone (steps 2–5, the paper as written); "uniform":
+  # the fisher code path with every output felt alike (ablation: what the gradients add).
+  significance: str = "fisher"
+  # Fisher pass: label draws per question, per-question normalisation, label seed.
+  fisher_samples: int = 1
+  fisher_normalize: str = "question"
+  fisher_seed: int = 0
 
-  def significance(self, kernel: jax.Array, stats: base.LayerStats) -> significance_core.Significance:
+  def __post_init__(self):
+    if self.significance not in SIGNIFICANCE:
+      raise ValueError(f"significance={self.significance!r}: one of {SIGNIFICANCE}")
+    if self.salient_budget not in ("auto", "model", "layer", "group"):
+      raise ValueError(f"salient_budget={self.salient_budget!r}: 'auto', 'model', 'layer' or 'group'")
+    if self._budget == "model" and self.significance == "hessian":
+      raise ValueError("salient_budget='model' compares layers by their loss sensitivity: it needs "
+                       "significance='fisher' (or its 'uniform' ablation)")
+    if self._budget == "model" and self.layout_salient_rows == "search" and not self.structured:
+      raise ValueError("salient_budget='model' prices a fixed salient_rows fraction over the model; searched "
+                       "counts are decided per block (use salient_budget='layer' with salient_rows='search')")
+
+  @property
+  def _budget(self) -> str:
+    if self.salient_budget == "auto":
+      return "layer" if self.significance == "hessian" else "model"
+    return self.salient_budget
+
+  @property
+  def layout_salient_rows(self) -> float | str:
+    """`salient_rows` with "auto" resolved (what the layout uses)."""
+    if self.salient_rows != "auto":
+      return self.salient_rows
+    return UNSTRUCTURED_ROWS if self._budget == "model" and not self.structured else "search"
+
+  @property
+  def _model_budget(self) -> bool:
+    """Whether `plan` allocates salient rows over the model."""
+    return self._budget == "model"
+
+  # --- the whole-model step (base.ModelPlanner) ---------------------------------------------
+  def sensitivity_options(self) -> dict[str, Any] | None:
+    if self.significance == "hessian":
+      return None
+    return {"samples": self.fisher_samples, "normalize": self.fisher_normalize, "seed": self.fisher_seed}
+
+  def plan(self, kernels: Mapping[str, jax.Array], sensitivity: Mapping[str, base.OutputSensitivity]
+           ) -> dict[str, Any]:
+    """With `salient_budget="model"` (structured, or a fixed `salient_rows` fraction): each
+    layer's salient-row count, the rows of largest loss gain per stored bit over the whole
+    model, within the stored bits of every layer's own budget. Otherwise nothing to decide
+    ahead (the searched counts are decided per block)."""
+    if not self._model_budget:
+      return {p: None for p in kernels}
+    return salient_split.model_salient_budget(
+        {p: (kernels[p], loss_weight(self._felt(sensitivity[p]))) for p in kernels}, block_size=self.block_size,
+        scale_block=self.scale_block if self.structured else None, salient_rows=self.layout_salient_rows,
+        salient_groups=self.salient_groups and not self.structured)
+
+  def significance_map(self, kernel: jax.Array, stats: base.LayerStats) -> significance_core.Significance:
     """Steps 2–5: the significance map of this layer."""
     return _significance(kernel, stats.h_text, stats.h_vis, has_text=stats.n_text > 0,
                          has_vis=stats.n_vis > 0, salient_top_p=self.salient_top_p,
                          diff_quantile=self.diff_quantile)
 
   def __call__(self, kernel: jax.Array, stats: base.LayerStats) -> base.Binarized:
-    return self.binarize_with_lambda(kernel, stats, self.significance(kernel, stats).lam)
+    if self.significance == "hessian":
+      return self.binarize_with_lambda(kernel, stats, self.significance_map(kernel, stats).lam)
+    if stats.sensitivity is None:
+      raise ValueError("significance='fisher' needs the loss sensitivity of the layer's outputs, which the "
+                       "calibration pass measures (calib.calibrate.binarize_model); for a lone kernel use "
+                       "significance='hessian'")
+    h, lam = fisher_objective(dataclasses.replace(stats, sensitivity=self._felt(stats.sensitivity)))
+    return self.binarize_with_lambda(kernel, stats, lam, h=h, salient_total=stats.plan)
 
-  def binarize_with_lambda(self, kernel: jax.Array, stats: base.LayerStats,
-                           lam: jax.Array) -> base.Binarized:
-    """Step 6 with a given Λ `[in, out]` (Λ ≡ 1: ARB-RC)."""
+  def _felt(self, sens: base.OutputSensitivity) -> base.OutputSensitivity:
+    return sens.uniform() if self.significance == "uniform" else sens
+
+  def binarize_with_lambda(self, kernel: jax.Array, stats: base.LayerStats, lam: jax.Array, *,
+                           h: jax.Array | None = None, salient_total: int | None = None) -> base.Binarized:
+    """Step 6 with a given Λ `[in, out]` (Λ ≡ 1: ARB-RC), compensating with `h` (default: the
+    count-weighted Hessian); `salient_total`: the structured layer's salient rows (`plan`)."""
     weight = lam if self.lambda_power == 1 else jnp.power(lam, self.lambda_power)
-    h = stats.h
+    budget = "layer" if self._budget == "model" else self._budget  # the plan's total, if any
     w_hat, parts, bits = salient_split.salient_split_ptq(
-        kernel, h, weight, block_size=self.block_size, salient_rows=self.salient_rows,
+        kernel, stats.h if h is None else h, weight, block_size=self.block_size, salient_rows=self.layout_salient_rows,
         iters=self.iters, mode="rc", split=not self.structured,
         scale_block=self.scale_block if self.structured else None,
         refine=0 if self.structured else self.refine_iters,
-        salient_groups=self.salient_groups and not self.structured, salient_budget=self.salient_budget)
+        salient_groups=self.salient_groups and not self.structured, salient_budget=budget,
+        salient_total=salient_total)
+    # Errors on the count-weighted Hessian, the same yardstick for every method.
     return base.Binarized(w_hat, bits.nominal_bits, bits.stored_bits, parts,
-                          base.error_metrics(kernel, w_hat, h, weight))
+                          base.error_metrics(kernel, w_hat, stats.h, weight))
 
   def from_arrays(self, arrays: Mapping[str, Any]) -> salient_split.SalientSplitParts:
     n_in = arrays["signs"].shape[0]
@@ -135,10 +266,15 @@ class ArbRc:
   salient_budget: str = "layer"
 
   @property
+  def layout_salient_rows(self) -> float | str:
+    """`salient_rows` (as `Sab.layout_salient_rows`; ARB-RC has no "auto")."""
+    return self.salient_rows
+
+  @property
   def _sab(self) -> Sab:
     return Sab(salient_rows=self.salient_rows, block_size=self.block_size, iters=self.iters,
                refine_iters=self.refine_iters, salient_groups=self.salient_groups, structured=self.structured,
-               scale_block=self.scale_block, salient_budget=self.salient_budget)
+               scale_block=self.scale_block, salient_budget=self.salient_budget, significance="hessian")
 
   def __call__(self, kernel: jax.Array, stats: base.LayerStats) -> base.Binarized:
     return self._sab.binarize_with_lambda(kernel, stats, jnp.ones(kernel.shape, jnp.float32))

@@ -217,19 +217,20 @@ class SalientSplitParts(base.Parts):
 # --- the GPTQ loop ------------------------------------------------------------------------------
 
 @functools.partial(jax.jit, static_argnames=("block_size", "n_salient", "iters", "mode", "split",
-                                             "group_size", "refine", "salient_groups", "budget"))
-def _salient_split_ptq(kernel, h, weight, *, block_size, n_salient, iters, mode, split, group_size, refine,
-                       salient_groups, budget):
+                                             "group_size", "refine", "salient_groups", "layer_budget"))
+def _salient_split_ptq(kernel, h, weight, budget, *, block_size, n_salient, iters, mode, split, group_size, refine,
+                       salient_groups, layer_budget):
   u = gptq_core.hessian_inverse_cholesky(h)
   if group_size is not None:
     # Each group's salient-row count: fixed, or its share of the layer-wide budget (the rows
     # a residual plane helps most, judged on the uncompensated kernel; which rows of the
     # group get them is decided on the compensated weights when GPTQ reaches the group).
-    share = (jnp.ones((kernel.shape[0],), bool) if budget is None else binarize_core.allocate_salient_rows(
-        kernel, weight, jnp.diag(u), jnp.ones((kernel.shape[0],), bool), budget))
+    # (`budget` is traced: layers with different totals share one program)
+    share = (binarize_core.allocate_salient_rows(kernel, weight, jnp.diag(u), jnp.ones((kernel.shape[0],), bool),
+                                                 budget) if layer_budget else jnp.ones((kernel.shape[0],), bool))
 
     def prepare(w_grp, d, valid, weight_grp, share_grp):
-      count = n_salient if budget is None else jnp.sum(share_grp)
+      count = jnp.sum(share_grp) if layer_budget else n_salient
       return binarize_core.structured_prepare(w_grp, weight_grp, d, valid, n_salient=count, iters=iters)
 
     def structured_block(w_blk, d, valid, weight_blk, share_blk, *, state, offset):
@@ -241,13 +242,16 @@ def _salient_split_ptq(kernel, h, weight, *, block_size, n_salient, iters, mode,
         group_size=group_size, prepare_group=prepare)
     return dict(parts, alpha_out=state["alpha_out"])
 
-  def quantize_block(w_blk, d, valid, weight_blk):
+  share = (binarize_core.allocate_salient_rows(kernel, weight, jnp.diag(u), jnp.ones((kernel.shape[0],), bool),
+                                               budget) if layer_budget else jnp.ones((kernel.shape[0],), bool))
+
+  def quantize_block(w_blk, d, valid, weight_blk, share_blk):
     return binarize_core.salient_split_block(
-        w_blk, weight_blk, d, valid, n_salient=n_salient, iters=iters, mode=mode, split=split, refine=refine,
-        salient_groups=salient_groups)
+        w_blk, weight_blk, d, valid, n_salient=jnp.sum(share_blk & valid) if layer_budget else n_salient,
+        iters=iters, mode=mode, split=split, refine=refine, salient_groups=salient_groups)
 
   _, parts, _ = gptq_core.gptq_quantize(kernel, u, quantize_block, block_size=block_size,
-                                        aux=(weight,))
+                                        aux=(weight, share))
   return parts
 
 
@@ -270,7 +274,7 @@ def salient_count(salient_rows: float | str, group: int, *, structured: bool) ->
 def salient_split_ptq(kernel: jax.Array, h: jax.Array, weight: jax.Array, *, block_size: int,
                       salient_rows: float | str, iters: int, mode: str, split: bool,
                       scale_block: int | None = None, refine: int = 0, salient_groups: bool = False,
-                      salient_budget: str = "group"
+                      salient_budget: str = "group", salient_total: int | None = None
                       ) -> tuple[jax.Array, SalientSplitParts, bits_core.BitCount]:
   """GPTQ loop around the salient-row block quantizers of `binarize_core`.
 
@@ -295,6 +299,10 @@ def salient_split_ptq(kernel: jax.Array, h: jax.Array, weight: jax.Array, *, blo
     salient_budget: structured mode: "group", the same salient-row count in every scale
       group, or "layer", the same total allocated across the groups by
       `binarize_core.allocate_salient_rows` (the rows a residual plane helps most).
+    salient_total: the layer's salient rows in total, placed where a residual plane helps
+      most (`binarize_core.allocate_salient_rows`; a whole-model allocation,
+      `model_salient_budget`): structured mode with salient_budget "layer" (instead of the
+      fixed layout's total), or the unstructured layout (instead of the per-block count).
     Sizes above the layer's are clamped (`base.effective_blocks`).
 
   Returns:
@@ -312,12 +320,16 @@ def salient_split_ptq(kernel: jax.Array, h: jax.Array, weight: jax.Array, *, blo
   if salient_budget not in ("group", "layer"):
     raise ValueError(f"salient_budget={salient_budget!r}: 'group' or 'layer'")
   budget = None
-  if salient_budget == "layer" and scale_block is not None:
+  if salient_total is not None and scale_block is not None and salient_budget != "layer":
+    raise ValueError("salient_total replaces a structured layer's budget: it needs salient_budget='layer'")
+  if salient_total is not None:
+    budget = min(int(salient_total), n_in)
+  elif salient_budget == "layer" and scale_block is not None:
     budget = sum(min(n_salient, r) for r in bits_core.block_rows(n_in, group))  # the fixed layout's total
-  arrays = _salient_split_ptq(kernel, h, weight, block_size=block_size, n_salient=n_salient,
-                              iters=iters, mode=mode, split=split,
+  arrays = _salient_split_ptq(kernel, h, weight, jnp.int32(0 if budget is None else budget), block_size=block_size,
+                              n_salient=n_salient, iters=iters, mode=mode, split=split,
                               group_size=None if scale_block is None else group, refine=refine,
-                              salient_groups=salient_groups, budget=budget)
+                              salient_groups=salient_groups, layer_budget=budget is not None)
   parts = SalientSplitParts(**base.crop_rows(arrays, n_in, _ROW_PARTS), group=group, mode=mode)
   w_hat = base.dequantize(parts)
   rows = bits_core.block_rows(n_in, group)
@@ -326,3 +338,48 @@ def salient_split_ptq(kernel: jax.Array, h: jax.Array, weight: jax.Array, *, blo
   bits = bits_core.salient_split_bits(n_in, n_out, block_rows=rows, salient_per_block=per_block,
                                       mode=mode, split=split, salient_groups=salient_groups)
   return w_hat, parts, bits
+
+
+def model_salient_budget(layers: Mapping[str, tuple[jax.Array, jax.Array]], *, block_size: int,
+                         scale_block: int | None, salient_rows: float | str, salient_groups: bool = False
+                         ) -> dict[str, int]:
+  """Each layer's salient-row total, allocated over the whole model.
+
+  Every layer's fixed budget (`salient_rows` per scale group, or per block in the
+  unstructured layout) is priced in stored bits; the model's sum is then spent again on the
+  rows whose residual plane lowers the loss most per stored bit:
+  `binarize_core.residual_plane_gain` under the loss weight of each entry (a comparable unit
+  in every layer) over the row's cost, out residual signs + its extra alpha_in (1; 3 with
+  salient groups) + its position. The linear cost bounds the layout's (the positions' cost is
+  concave), so the model stores at most the bits of the per-layer allocation.
+
+  Args:
+    layers: path -> (full-precision kernel `[in, out]`, loss weight `[in, out]`).
+    block_size, scale_block, salient_rows, salient_groups: the layout's (as
+      `salient_split_ptq`; scale_block None: unstructured, `salient_rows` a fraction).
+
+  Returns:
+    path -> salient rows of that layer.
+  """
+  gains, costs, owners, budget_bits = [], [], [], 0.0
+  paths = sorted(layers)
+  for i, p in enumerate(paths):
+    w, weight = layers[p]
+    n_in, n_out = w.shape
+    _, group = base.effective_blocks(n_in, block_size, scale_block)
+    count = salient_count(salient_rows, group, structured=scale_block is not None)
+    if count is None:
+      raise ValueError("a whole-model salient budget needs a fixed salient_rows fraction to price (not 'search')")
+    n_fixed = sum(min(count, r) for r in bits_core.block_rows(n_in, group))
+    cost = n_out + (3 if salient_groups else 1) * bits_core.SCALE_BITS + math.ceil(math.log2(max(group, 2)))
+    budget_bits += n_fixed * cost
+    gain = np.asarray(binarize_core.residual_plane_gain(jnp.asarray(w, jnp.float32), jnp.asarray(weight, jnp.float32),
+                                                        jnp.ones((n_in,), jnp.float32)), np.float64)
+    gains.append(np.maximum(gain, 0.0) / cost)
+    costs.append(np.full(n_in, cost, np.float64))
+    owners.append(np.full(n_in, i))
+  gain, cost, owner = np.concatenate(gains), np.concatenate(costs), np.concatenate(owners)
+  order = np.argsort(-gain, kind="stable")
+  taken = order[np.cumsum(cost[order]) <= budget_bits]
+  counts = np.bincount(owner[taken], minlength=len(paths))
+  return {p: int(c) for p, c in zip(paths, counts)}
