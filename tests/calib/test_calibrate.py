@@ -93,6 +93,7 @@ def test_vision_layers_see_only_image_tokens():
   assert (proj.n_text, proj.n_vis) == (0, b * n_patch)          # 'default' strategy drops it
 
 
+@pytest.mark.slow
 def test_sab_plans_its_salient_rows_over_the_model_within_the_per_layer_bits():
   """Structured SAB measures the loss sensitivity first, then gives each layer the rows its
   plan decided: unequal over the layers, no more stored bits than ARB-RC's equal share."""

@@ -32,6 +32,7 @@ def _decoder(model):
   return tuple(rules.select(model, rules.DECODER_ONLY))
 
 
+@pytest.mark.slow
 def test_output_gradients_rebuild_the_kernel_gradient(model):
   """Σ_t x_t ∂L/∂y_tᵀ is ∂L/∂W: the probes see the true per-token output gradients."""
   batch = {k: jnp.asarray(v) for k, v in _batches(model.cfg, n=1)[0].items()}
