@@ -65,6 +65,11 @@ SIGNIFICANCE = ("fisher", "hessian", "uniform")
 UNSTRUCTURED_ROWS = 0.09
 
 
+def _entry_weight(g_text, g_vis, d_text, d_vis):
+  """`g_t[k]·d_t[j] + g_v[k]·d_v[j]` `[in, out]` (g `[out]`; or a scalar each: `[in, 1]`)."""
+  return g_text * d_text[:, None] + g_vis * d_vis[:, None]
+
+
 @jax.jit
 def _fisher_objective(h_text, h_vis, grad_text, grad_vis, h_count):
   f_t, f_v = jnp.mean(grad_text), jnp.mean(grad_vis)
@@ -72,9 +77,8 @@ def _fisher_objective(h_text, h_vis, grad_text, grad_vis, h_count):
   live = total > 0
   safe = jnp.where(live, total, 1.0)
   h = jnp.where(live, (f_t * h_text + f_v * h_vis) / safe, h_count)
-  d_t, d_v = jnp.diag(h_text)[:, None], jnp.diag(h_vis)[:, None]
-  num = grad_text[None, :] * d_t + grad_vis[None, :] * d_v
-  den = f_t * d_t + f_v * d_v
+  d_t, d_v = jnp.diag(h_text), jnp.diag(h_vis)
+  num, den = _entry_weight(grad_text, grad_vis, d_t, d_v), _entry_weight(f_t, f_v, d_t, d_v)
   lam = jnp.where(live & (den > 0), num / jnp.where(den > 0, den, 1.0), 1.0)
   return h, lam
 
@@ -95,7 +99,7 @@ def fisher_objective(stats: base.LayerStats) -> tuple[jax.Array, jax.Array]:
 def loss_weight(sens: base.OutputSensitivity) -> jax.Array:
   """`[in, out]` `g_t[k]·H_t[j,j] + g_v[k]·H_v[j,j]` on the full-precision inputs: a weight
   error's loss cost per unit², comparable across layers (the diagonal of the objective)."""
-  return sens.grad_text[None, :] * sens.diag_text[:, None] + sens.grad_vis[None, :] * sens.diag_vis[:, None]
+  return _entry_weight(sens.grad_text, sens.grad_vis, sens.diag_text, sens.diag_vis)
 
 
 _significance = jax.jit(significance_core.significance_map,
@@ -177,11 +181,6 @@ class Sab:
       return self.salient_rows
     return UNSTRUCTURED_ROWS if self._budget == "model" and not self.structured else "search"
 
-  @property
-  def _model_budget(self) -> bool:
-    """Whether `plan` allocates salient rows over the model."""
-    return self._budget == "model"
-
   # --- the whole-model step (base.ModelPlanner) ---------------------------------------------
   def sensitivity_options(self) -> dict[str, Any] | None:
     if self.significance == "hessian":
@@ -194,7 +193,7 @@ class Sab:
     layer's salient-row count, the rows of largest loss gain per stored bit over the whole
     model, within the stored bits of every layer's own budget. Otherwise nothing to decide
     ahead (the searched counts are decided per block)."""
-    if not self._model_budget:
+    if self._budget != "model":
       return {p: None for p in kernels}
     return salient_split.model_salient_budget(
         {p: (kernels[p], loss_weight(self._felt(sensitivity[p]))) for p in kernels}, block_size=self.block_size,

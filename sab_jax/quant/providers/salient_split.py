@@ -221,14 +221,13 @@ class SalientSplitParts(base.Parts):
 def _salient_split_ptq(kernel, h, weight, budget, *, block_size, n_salient, iters, mode, split, group_size, refine,
                        salient_groups, layer_budget):
   u = gptq_core.hessian_inverse_cholesky(h)
+  # Each group's (block's) salient-row count: fixed, or its share of the layer-wide budget (the
+  # rows a residual plane helps most, judged on the uncompensated kernel; which rows of the
+  # group get them is decided on the compensated weights when GPTQ reaches the group).
+  # (`budget` is traced: layers with different totals share one program)
+  every = jnp.ones((kernel.shape[0],), bool)
+  share = binarize_core.allocate_salient_rows(kernel, weight, jnp.diag(u), every, budget) if layer_budget else every
   if group_size is not None:
-    # Each group's salient-row count: fixed, or its share of the layer-wide budget (the rows
-    # a residual plane helps most, judged on the uncompensated kernel; which rows of the
-    # group get them is decided on the compensated weights when GPTQ reaches the group).
-    # (`budget` is traced: layers with different totals share one program)
-    share = (binarize_core.allocate_salient_rows(kernel, weight, jnp.diag(u), jnp.ones((kernel.shape[0],), bool),
-                                                 budget) if layer_budget else jnp.ones((kernel.shape[0],), bool))
-
     def prepare(w_grp, d, valid, weight_grp, share_grp):
       count = jnp.sum(share_grp) if layer_budget else n_salient
       return binarize_core.structured_prepare(w_grp, weight_grp, d, valid, n_salient=count, iters=iters)
@@ -241,9 +240,6 @@ def _salient_split_ptq(kernel, h, weight, budget, *, block_size, n_salient, iter
         kernel, u, structured_block, block_size=block_size, aux=(weight, share),
         group_size=group_size, prepare_group=prepare)
     return dict(parts, alpha_out=state["alpha_out"])
-
-  share = (binarize_core.allocate_salient_rows(kernel, weight, jnp.diag(u), jnp.ones((kernel.shape[0],), bool),
-                                               budget) if layer_budget else jnp.ones((kernel.shape[0],), bool))
 
   def quantize_block(w_blk, d, valid, weight_blk, share_blk):
     return binarize_core.salient_split_block(
