@@ -24,7 +24,7 @@ import tensorflow_datasets as tfds
 from flax import nnx
 
 from sab_jax import distributed, export as export_lib, report, sharding as sharding_lib
-from sab_jax.calib import calibrate
+from sab_jax.calib import calibrate, sensitivity
 from sab_jax.data import datasets, pipeline, synthetic_vqa
 from sab_jax.data import tokenizer as tokenizer_lib
 from sab_jax.errors import MissingPrerequisite, UserError
@@ -352,40 +352,86 @@ def stage_export(ctx: Context) -> None:
           f"{time.time() - t:.1f} s -> {entry['export_dir']}")
 
 
+# Distillation settings a `config.distill.variants` entry may set (besides its `source`).
+DISTILL_OPTIONS = ("temperature", "ce_weight", "hidden_weight", "clip", "significance_power", "significance_permuted")
+
+
+def _distill_runs(dc) -> list[tuple[str, str, dict[str, Any], str]]:
+  """(name, source export, distillation settings, results bucket): `<source>_kd` for each of
+  `config.distill.sources` (methods), then each `config.distill.variants` entry (variants)."""
+  defaults = {**{k: dc[k] for k in DISTILL_OPTIONS}, "train": dc.train.to_dict()}
+  runs = [(f"{source}_kd", source, defaults, "methods") for source in dc.sources]
+  for name, v in dc.variants.to_dict().items():
+    unknown = sorted(set(v) - set(DISTILL_OPTIONS) - {"source", "train"})
+    unknown += sorted(f"train.{k}" for k in set(v.get("train", {})) - set(defaults["train"]))
+    if "source" not in v or unknown:
+      raise UserError(f"config.distill.variants.{name}: needs 'source' (a method or variant with an export) and may "
+                      f"set {DISTILL_OPTIONS} and 'train' (keys of config.distill.train); got {sorted(v)}, "
+                      f"unknown {unknown}")
+    options = {**defaults, **{k: x for k, x in v.items() if k not in ("source", "train")}}
+    options["train"] = {**defaults["train"], **v.get("train", {})}
+    runs.append((name, v["source"], options, "variants"))
+  return runs
+
+
+def _teacher_significance(ctx: Context, paths) -> dict[str, Any]:
+  """The per-weight significance of the teacher's `paths` on this run's calibration batches
+  (the pass SAB's plan runs: `calib.sensitivity`, same options), for significance-stepped QAT."""
+  if not ctx.calib_batches:
+    raise MissingPrerequisite(
+        "config.distill significance_power != 0 steps the student's weights by the significance map, measured on "
+        "the calibration batches of stage 'calibrate', which this run has not drawn: run "
+        f"--config.stages=\"{_with_prerequisites(('calibrate', 'distill'))}\" (or set significance_power=0)")
+  mesh = ctx.mesh
+  model = sharding_lib.place(nnx.clone(ctx.teacher), mesh, ctx.config.logical_axis_rules)
+  batches = calibrate.on_mesh(ctx.calib_batches, mesh, loss_mask=True, reader="the distillation's significance map")
+  return sensitivity.measure(model, batches, sorted(paths), mesh)
+
+
 def stage_distill(ctx: Context) -> None:
   """Quantization-aware distillation of each `config.distill.sources` export into
-  `<source>_kd`, written as a packed export (evaluated by `eval`)."""
+  `<source>_kd` (and of each `config.distill.variants` entry's source, with its settings),
+  written as a packed export (evaluated by `eval`)."""
   dc = ctx.config.distill
-  for source in dc.sources:
-    name = f"{source}_kd"
-    if not _pending(ctx, "distill", name, "methods", "export_dir"):
+  significance = None
+  for name, source, options, bucket in _distill_runs(dc):
+    if not _pending(ctx, "distill", name, bucket, "export_dir"):
       continue
     src = ctx.results.get("methods", {}).get(source) or ctx.results.get("variants", {}).get(source)
     if not src or "export_dir" not in src:
       raise MissingPrerequisite(
-          f"stage 'distill' needs the export of {source!r} (config.distill.sources) from stage 'export', and "
+          f"stage 'distill' needs the export of {source!r} (config.distill) from stage 'export', and "
           f"{ctx.results_path} lists none: add {source!r} to config.quant.methods (or variants) and run "
           f"--config.stages=\"{_with_prerequisites(('distill',), on_disk=True)}\" (or distill from another method)")
     manifest, layers, _ = export_lib.read(os.path.join(ctx.workdir, src["export_dir"]), ctx.abstract_model())
     provider = export_lib.provider_from_spec(manifest["provider"])
-    student = distill.build_student(ctx.teacher, layers, clip=dc.clip)
-    data = ctx.batches(ctx.config.data.train_config, "train", batch_size=dc.train.batch_size, train=True,
+    power, carried = options["significance_power"], None
+    if power:  # the map, measured once per run (per set of layers)
+      if significance is None or set(significance) != set(layers):
+        significance = _teacher_significance(ctx, layers)
+      carried = distill.permuted(significance, seed=ctx.config.seed) if options["significance_permuted"] else significance
+    student = distill.build_student(ctx.teacher, layers, clip=options["clip"], significance=carried,
+                                    significance_power=power)
+    data = ctx.batches(ctx.config.data.train_config, "train", batch_size=options["train"]["batch_size"], train=True,
                        seed=ctx.config.seed + 2)
     t = time.time()
-    loss_fn = functools.partial(distill.kd_loss, temperature=dc.temperature, ce_weight=dc.ce_weight,
-                                hidden_weight=dc.hidden_weight)
-    student, history = train_lib.train(dc.train, ctx.workdir, student, data, mesh=ctx.mesh,
+    loss_fn = functools.partial(distill.kd_loss, temperature=options["temperature"], ce_weight=options["ce_weight"],
+                                hidden_weight=options["hidden_weight"])
+    run_name = f"distill_{source}" if bucket == "methods" else f"distill_{name}"
+    tc = ml_collections.ConfigDict(options["train"])
+    student, history = train_lib.train(tc, ctx.workdir, student, data, mesh=ctx.mesh,
                                        rules=ctx.config.logical_axis_rules, loss_fn=loss_fn,
-                                       name=f"distill_{source}", teacher=ctx.teacher, wrt=distill.TRAINABLE)
+                                       name=run_name, teacher=ctx.teacher, wrt=distill.TRAINABLE)
     seconds = time.time() - t
     bits = {layer["path"]: layer["bits"] for layer in manifest["layers"]}
     written = _write_export(ctx, name, nnx.clone(ctx.teacher), distill.binarized_layers(student, bits),
                             provider)
     final_loss = history[-1][1] if history else None
-    ctx.results["methods"][name] = {
+    ctx.results.setdefault(bucket, {})[name] = {
         "method": name, "distilled_from": source, "final_loss": final_loss, "distill_seconds_this_run": seconds,
-        "distill_steps": dc.train.num_steps, "provider": repr(provider), **written}
-    ctx.results["final_loss"] = final_loss
+        "distill_steps": tc.num_steps, "distill_options": options, "provider": repr(provider), **written}
+    if bucket == "methods":
+      ctx.results["final_loss"] = final_loss
     ctx.save_results()
     print(f"[distill] {name}: final loss {final_loss}, {seconds / 60:.1f} min, exported to {written['export_dir']}")
 

@@ -62,7 +62,8 @@ def _pipeline_answers(model, records, max_new_tokens):
       image_size=model.cfg.vision.image_size, shard_index=0, shard_count=1)
   preds = []
   vqa.evaluate(model, batches, tokenizer_lib.WordTokenizer.for_synthetic_vqa(),
-               question_types=synthetic_vqa.QUESTION_TYPES, max_new_tokens=max_new_tokens, predictions=preds)
+               question_types=synthetic_vqa.QUESTION_TYPES, max_new_tokens=max_new_tokens, predictions=preds,
+               answer_losses=False)
   return [p for _, p, _ in preds]
 
 

@@ -105,6 +105,19 @@ def _binarize_one(model: nnx.Module, path: str, acc: hessian.Accumulator, provid
   return LayerResult(out, (stats.n_text, stats.n_vis), out.error["output_rel"])
 
 
+def on_mesh(batches: Iterable[dict[str, Any]], mesh: Mesh, *, loss_mask: bool = False, reader: str = ""
+            ) -> list[dict[str, jax.Array]]:
+  """Calibration batches (this process's part) as global arrays split over the mesh's data axes,
+  with the answer positions (`loss_mask`) when a significance pass reads them."""
+  keys = ("input_ids", "attention_mask", "pixel_values") + (("loss_mask",) if loss_mask else ())
+  batches = list(batches)
+  if loss_mask and any("loss_mask" not in b for b in batches):
+    raise ValueError(f"{reader} needs each calibration batch's loss_mask (the answer positions, as the data "
+                     "pipeline gives them); add it")
+  put = lambda a: jax.make_array_from_process_local_data(sharding_lib.batch_sharding(mesh, a.ndim), a)
+  return [{k: put(b[k]) for k in keys} for b in batches]
+
+
 def model_plan(model: nnx.Module, batches: Sequence[dict[str, Any]], provider: Provider, selected: Sequence[str],
                mesh: Mesh, options: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
   """Per layer, the `LayerStats` fields a `base.ModelPlanner` provider decided before any layer
@@ -132,13 +145,9 @@ def binarize_model(model: nnx.Module, batches: Iterable[dict[str, Any]], provide
     progress: show a progress bar over decoder layers.
   """
   selected = rules_lib.select(model, rules)
-  put = lambda a: jax.make_array_from_process_local_data(sharding_lib.batch_sharding(mesh, a.ndim), a)
   options = provider.sensitivity_options() if hasattr(provider, "sensitivity_options") else None
-  keys = ("input_ids", "attention_mask", "pixel_values") + (("loss_mask",) if options is not None else ())
-  if options is not None and any("loss_mask" not in b for b in batches):
-    raise ValueError(f"{provider.name}'s significance pass needs each calibration batch's loss_mask (the answer "
-                     "positions, as the data pipeline gives them); add it, or use significance='hessian'")
-  batches = [{k: put(b[k]) for k in keys} for b in batches]
+  batches = on_mesh(batches, mesh, loss_mask=options is not None,
+                    reader=f"{provider.name}'s significance pass (or use significance='hessian')")
   plan = model_plan(model, batches, provider, selected, mesh, options)
   results: dict[str, LayerResult] = {}
 

@@ -65,7 +65,7 @@ def _answer_loss_rows(model, teacher, input_ids, pixel_values, attention_mask, l
 
 def evaluate(model, batches: Iterable[dict[str, Any]], tokenizer, *, question_types: Sequence[str],
              metric: str = "exact_match", max_new_tokens: int = 3, max_examples: int | None = None,
-             predictions: list | None = None, teacher=None) -> dict[str, Any]:
+             predictions: list | None = None, teacher=None, answer_losses: bool = True) -> dict[str, Any]:
   """Scores greedy answers over `batches` (pipeline batch dicts), and the teacher-forced answer losses.
 
   Besides accuracy, over the reference answers' tokens (`loss_mask`): their mean cross-entropy
@@ -84,8 +84,9 @@ def evaluate(model, batches: Iterable[dict[str, Any]], tokenizer, *, question_ty
     max_examples: stop after this many examples on this process (None: all).
     predictions: if a list, (question_type, prediction, answer) tuples are appended.
     teacher: the full-precision model for `kl_from_teacher` (None: not computed).
+    answer_losses: False skips the teacher-forced pass (answers only: no answer_ce, no KL).
   Returns:
-    accuracy, count, per_type, answer_ce, and kl_from_teacher with a teacher.
+    accuracy, count, per_type, answer_ce (with answer_losses), and kl_from_teacher with a teacher.
   """
   if metric not in METRICS:
     raise ValueError(f"unknown metric {metric!r}; choose one of {sorted(METRICS)}")
@@ -101,8 +102,9 @@ def evaluate(model, batches: Iterable[dict[str, Any]], tokenizer, *, question_ty
                                    to_device(batch["pixel_values"]), max_new_tokens=max_new_tokens,
                                    eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
     out = to_host(out)
-    loss_rows = to_host(_answer_loss_rows(model, teacher, *(to_device(batch[k]) for k in (
-        "input_ids", "pixel_values", "attention_mask", "loss_mask"))))
+    loss_rows = (to_host(_answer_loss_rows(model, teacher, *(to_device(batch[k]) for k in (
+        "input_ids", "pixel_values", "attention_mask", "loss_mask")))) if answer_losses
+                 else np.zeros((len(out), 3)))
     n = len(out) if max_examples is None else min(len(out), max_examples - seen)
     valid = batch.get("valid", np.ones(len(out), np.int32))
     for i in range(n):
@@ -122,8 +124,9 @@ def evaluate(model, batches: Iterable[dict[str, Any]], tokenizer, *, question_ty
   per_type = {question_types[i]: {"accuracy": float(s / c), "count": int(c)}
               for i, (s, c) in enumerate(sums) if c}
   total = sums.sum(axis=0)
-  out = {"accuracy": float(total[0] / max(total[1], 1)), "count": int(total[1]), "per_type": per_type,
-         "answer_ce": float(losses[0] / max(losses[2], 1))}
-  if teacher is not None:
+  out = {"accuracy": float(total[0] / max(total[1], 1)), "count": int(total[1]), "per_type": per_type}
+  if answer_losses:
+    out["answer_ce"] = float(losses[0] / max(losses[2], 1))
+  if answer_losses and teacher is not None:
     out["kl_from_teacher"] = float(losses[1] / max(losses[2], 1))
   return out

@@ -11,10 +11,12 @@ a packed export that `models.packed` serves like any other.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
@@ -51,9 +53,15 @@ def kd_loss(logits: jax.Array, batch: Mapping[str, jax.Array], teacher_logits: j
   return loss
 
 
-def build_student(teacher: nnx.Module, layers: Mapping[str, providers_lib.Parts], *,
-                  clip: float = 1.0) -> nnx.Module:
-  """A copy of `teacher` whose layers in `layers` ({path: PTQ typed parts}) are BinaryDense."""
+def build_student(teacher: nnx.Module, layers: Mapping[str, providers_lib.Parts], *, clip: float = 1.0,
+                  significance: Mapping[str, base.OutputSensitivity] | None = None,
+                  significance_power: float = 0.0) -> nnx.Module:
+  """A copy of `teacher` whose layers in `layers` ({path: PTQ typed parts}) are BinaryDense,
+  each carrying its significance map (`significance`, {path: the calibration pass's measure})
+  and stepping its weights by it with `significance_power` (`binary_dense`)."""
+  if significance is not None and set(significance) != set(layers):
+    raise ValueError(f"the significance covers {len(significance)} layers, the parts {len(layers)}; measure it on "
+                     "the parts' layers")
   student = nnx.clone(teacher)
   # own buffers: the training step donates the student's, and the teacher is an argument of that same call
   nnx.update(student, jax.tree.map(lambda a: jnp.array(a, copy=True), nnx.state(student)))
@@ -63,8 +71,23 @@ def build_student(teacher: nnx.Module, layers: Mapping[str, providers_lib.Parts]
     axes = dense.kernel.get_metadata().get("out_sharding") or ("embed", "mlp")
     if tuple(parts.shape) != tuple(dense.kernel.shape):
       raise ValueError(f"layer {path!r}: the parts are {parts.shape}, the teacher's kernel {dense.kernel.shape}")
-    paths.replace(student, path, binary_dense.BinaryDense(parts, bias=bias, dtype=dense.dtype, clip=clip, axes=axes))
+    paths.replace(student, path, binary_dense.BinaryDense(
+        parts, bias=bias, dtype=dense.dtype, clip=clip, axes=axes,
+        significance=None if significance is None else significance[path], significance_power=significance_power))
   return student
+
+
+def permuted(significance: Mapping[str, base.OutputSensitivity], seed: int = 0) -> dict[str, base.OutputSensitivity]:
+  """Each layer's map with its inputs and its outputs shuffled (the same values on the wrong
+  weights): the ablation that tells whether *where* the map puts the steps matters."""
+  rng = np.random.default_rng(seed)
+  out = {}
+  for path in sorted(significance):
+    sens = significance[path]
+    i, o = rng.permutation(sens.diag_text.shape[0]), rng.permutation(sens.grad_text.shape[0])
+    out[path] = dataclasses.replace(sens, diag_text=sens.diag_text[i], diag_vis=sens.diag_vis[i],
+                                    grad_text=sens.grad_text[o], grad_vis=sens.grad_vis[o])
+  return out
 
 
 def binarized_layers(student: nnx.Module, bits: Mapping[str, Mapping[str, Any]]

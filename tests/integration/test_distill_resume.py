@@ -15,6 +15,7 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEMO = os.path.join(REPO, "experiments", "configs", "demo.py")
 ARGS = [f"--config={DEMO}:smoke", "--config.quant.methods=('sab',)", "--config.quant.variants={}",
+        "--config.distill.variants={}",
         "--config.stages=('data','teacher','calibrate','binarize','export','distill')",
         "--config.distill.train.num_steps=30", "--config.distill.train.checkpoint_every=5",
         "--config.distill.train.log_every=5"]

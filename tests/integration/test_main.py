@@ -52,6 +52,9 @@ def test_smoke_retrain_writes_results_and_resumes(tmp_path):
   kd = res["methods"]["sab_kd"]  # quantization-aware distillation from the sab export
   assert kd["distilled_from"] == "sab" and kd["final_loss"] == res["final_loss"] > 0
   assert kd["bits_per_weight"] == res["methods"]["sab"]["bits_per_weight"]
+  stepped = res["variants"]["sab_kd_significance"]  # the same source, weights stepped by the significance map
+  assert stepped["distilled_from"] == "sab" and stepped["distill_options"]["significance_power"] == 0.5
+  assert stepped["bits_per_weight"] == kd["bits_per_weight"] and stepped["final_loss"] != kd["final_loss"]
   # the run ends with its report: the table printed, report.md and report.png written
   report = (wd / "report.md").read_text()
   table = [line for line in report.splitlines() if line.startswith("|")]  # header, rule, one row per model
@@ -63,9 +66,15 @@ def test_smoke_retrain_writes_results_and_resumes(tmp_path):
   assert "already trained" in again.stdout and "already in results.json" in again.stdout
   assert "[binarize] sab already in results.json" in again.stdout
   # eval alone on a workdir whose results.json lists exports is a legitimate resume
-  from sab_jax import stages
+  from sab_jax import errors, stages
   before = json.load(open(wd / "results.json"))
   assert stages.run(_config("smoke,retrain", stages=("eval",)), str(wd)) == before
+  # a significance-stepped distillation needs the map, i.e. this run's calibration batches
+  c = _config("smoke,retrain", stages=("teacher", "distill"))
+  c.distill.variants = {"sab_kd_p1": {"source": "sab", "significance_power": 1.0}}
+  with pytest.raises(errors.MissingPrerequisite, match="stage 'calibrate'"):
+    stages.run(c, str(wd))
+  assert json.load(open(wd / "results.json")) == before  # nothing lost
 
   # Step 2 of the shipped teacher's recipe on this step-1 teacher: image coordinates (new,
   # randomly initialised) + the relation curriculum, warm-started from it.
@@ -153,6 +162,24 @@ def test_complete_orders_and_resumable_stages_pass_the_check():
   for order in [("data", "teacher", "eval_fp"), ("eval",), ("teacher", "distill", "eval"), ("data",),
                 ("teacher", "calibrate", "binarize", "export")]:
     stages.check_order(order)
+
+
+def test_a_distill_variant_names_its_source_and_known_settings():
+  from sab_jax import errors, stages
+  dc = _config().distill
+  runs = stages._distill_runs(dc)
+  assert runs[0][:2] == ("sab_kd", "sab") and runs[0][3] == "methods"
+  assert runs[1][0] == "sab_kd_significance" and runs[1][2]["significance_power"] == 0.5
+  assert runs[1][2]["clip"] == dc.clip and runs[1][3] == "variants"  # the rest as the sources'
+  assert runs[1][2]["train"] == dc.train.to_dict()
+  dc.variants = {"fast": {"source": "sab", "train": {"lr": 5e-4}}}
+  (_, _, options, _), = stages._distill_runs(dc)[1:]
+  assert options["train"] == dict(dc.train.to_dict(), lr=5e-4)
+  for bad in ({"source": "sab", "significance_powr": 1.0}, {"significance_power": 1.0},
+              {"source": "sab", "train": {"learning_rate": 1.0}}):
+    dc.variants = {"x": bad}
+    with pytest.raises(errors.UserError, match="config.distill.variants.x"):
+      stages._distill_runs(dc)
 
 
 def test_config_parse_arg_types():

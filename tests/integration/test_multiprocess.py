@@ -260,7 +260,7 @@ def test_two_processes_fsdp_pipeline_matches_one_process(tmp_path, tfds_dir):
   (unequal shards; evaluation pads them so both processes run the same steps)."""
   # sab only (its structured variant is the same export path; the pod tests run it)
   args = [f"--config={DEMO}:smoke", "--config.quant.methods=('sab',)", "--config.quant.variants={}",
-          "--config.eval.batch_size=4",
+          "--config.distill.variants={}", "--config.eval.batch_size=4",
           "--config.eval.max_examples=25", "--config.mesh.data=1", "--config.mesh.fsdp=-1"]
   env = _child_env(TFDS_DATA_DIR=str(tfds_dir))
   # The reference: the teacher's answers from one process.

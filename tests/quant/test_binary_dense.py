@@ -75,3 +75,53 @@ def test_latent_gradient_of_an_xnor_layer():
   want = (np.asarray(x).T @ np.asarray(g)) * a[None, :] * inside
   np.testing.assert_allclose(np.asarray(grads["kernel"][...]), want, rtol=1e-5, atol=1e-6)
   assert 0 < inside.mean() < 1
+
+
+# --- significance-stepped weights -------------------------------------------------------------
+
+def _significant_layer(power, shape=(128, 48), seed=3):
+  rng = np.random.default_rng(seed)
+  w = jnp.asarray(rng.standard_normal(shape).astype(np.float32) * 0.02)
+  stats = _stats(rng, *shape)
+  b = providers.Sab(structured=True)(w, stats)
+  return b, binary_dense.BinaryDense(b.parts, significance=stats.sensitivity, significance_power=power), stats
+
+
+def test_significance_map_is_the_measured_loss_weight_and_step_0_is_the_ptq_layer():
+  b, layer, stats = _significant_layer(0.5)
+  np.testing.assert_allclose(np.asarray(layer.significance_map()), np.asarray(stats.sensitivity.loss_weight()),
+                             rtol=1e-6)
+  np.testing.assert_array_equal(np.asarray(layer.weight()), np.asarray(b.w_hat))
+  for k, v in b.parts.arrays().items():
+    np.testing.assert_array_equal(np.asarray(layer.to_parts().arrays()[k]), np.asarray(v), err_msg=k)
+  m = np.asarray(binary_dense.step_multiplier(layer.significance_map(), 0.5))
+  assert m.mean() == pytest.approx(1.0, rel=1e-5)  # the layer's average step is the learning rate's
+  assert 4 < m.max() / m.min() <= binary_dense.MAX_STEP_RATIO ** 2 * (1 + 1e-5)  # the map tells weights apart
+  s = np.asarray(layer.significance_map())
+  assert np.corrcoef(np.log(s).ravel(), np.log(m).ravel())[0, 1] > 0.9
+
+
+@pytest.mark.parametrize("power", [0.5, -0.5])
+def test_adam_moves_each_latent_weight_by_its_significance_step(power):
+  """One Adam step moves every latent entry by ≈ lr (|m̂/√v̂| = 1 on step 1); with the
+  significance step, weight (j,k) moves lr·m[j,k], as the map asks, the other way with power < 0."""
+  _, layer, _ = _significant_layer(power)
+  x = jnp.asarray(np.random.default_rng(4).standard_normal((16, layer.in_features)).astype(np.float32))
+  before = np.asarray(layer.latent())
+  m = np.asarray(binary_dense.step_multiplier(layer.significance_map(), power))
+  grads = nnx.grad(lambda l: jnp.sum(l(x) ** 2), argnums=nnx.DiffState(0, binary_dense.Latent))(layer)
+  g = np.asarray(grads["kernel"][...])
+  opt = nnx.Optimizer(layer, __import__("optax").adam(1e-3, eps=1e-20), wrt=binary_dense.Latent)
+  opt.update(layer, grads)
+  moved = np.abs(np.asarray(layer.latent()) - before)
+  live = np.abs(g) > 1e-12  # entries inside the straight-through window
+  assert live.mean() > 0.5
+  np.testing.assert_allclose(moved[live], 1e-3 * m[live], rtol=1e-3)
+
+
+def test_a_significance_step_needs_the_map():
+  rng = np.random.default_rng(0)
+  w = jnp.asarray(rng.standard_normal((64, 32)).astype(np.float32))
+  b = providers.Xnor()(w, _stats(rng, 64, 32))
+  with pytest.raises(ValueError, match="significance"):
+    binary_dense.BinaryDense(b.parts, significance_power=1.0)

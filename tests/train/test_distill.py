@@ -11,6 +11,7 @@ import pytest
 from flax import nnx
 
 from sab_jax import sharding
+from sab_jax.calib import calibrate, sensitivity
 from sab_jax.data import pipeline, tokenizer
 from sab_jax.models import llava
 from sab_jax.quant import providers, rules
@@ -89,9 +90,18 @@ def _config(steps, mesh=None):
   return c
 
 
-def _distil(tmp, source, teacher_and_parts, steps, mesh=None, devices=None):
+@pytest.fixture(scope="module")
+def teacher_significance(source, teacher_and_parts):
+  """The significance pass on the teacher's binarized layers (one calibration batch)."""
   teacher, layers = teacher_and_parts
-  student = distill.build_student(teacher, layers)
+  mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "model": 1}, devices=jax.devices()[:1])
+  batches = calibrate.on_mesh([next(iter(_data(source)))], mesh, loss_mask=True)
+  return sensitivity.measure(teacher, batches, sorted(layers), mesh)
+
+
+def _distil(tmp, source, teacher_and_parts, steps, mesh=None, devices=None, significance=None, power=0.0):
+  teacher, layers = teacher_and_parts
+  student = distill.build_student(teacher, layers, significance=significance, significance_power=power)
   cfg = _config(steps, mesh)
   m = sharding.make_mesh(dict(cfg.mesh), devices=devices)
   loss_fn = functools.partial(distill.kd_loss, ce_weight=0.1, hidden_weight=0.5)  # every term on
@@ -105,11 +115,13 @@ def _on_device_0(model):
 
 
 @pytest.mark.slow
-def test_distillation_on_8_devices_matches_1_device(tmp_path, source, teacher_and_parts):
+def test_distillation_on_8_devices_matches_1_device(tmp_path, source, teacher_and_parts, teacher_significance):
+  """With the significance step on (the student carries the map; its latents are m ⊙ u)."""
   assert jax.device_count() == 8
+  sig = {"significance": teacher_significance, "power": 0.5}
   student, one = _distil(tmp_path / "a", source, teacher_and_parts, 4, {"data": 1, "fsdp": 1, "model": 1},
-                         devices=jax.devices()[:1])
-  _, eight = _distil(tmp_path / "b", source, teacher_and_parts, 4, {"data": 4, "fsdp": 1, "model": 2})
+                         devices=jax.devices()[:1], **sig)
+  _, eight = _distil(tmp_path / "b", source, teacher_and_parts, 4, {"data": 4, "fsdp": 1, "model": 2}, **sig)
   np.testing.assert_allclose([l for _, l in eight], [l for _, l in one], rtol=2e-4)
   # The student moves towards the teacher: its KD loss on the first training batch falls
   # (per-step losses are on different batches, too noisy over 4 steps to compare).
@@ -128,3 +140,17 @@ def test_distillation_on_8_devices_matches_1_device(tmp_path, source, teacher_an
   teacher = teacher_and_parts[0]
   np.testing.assert_array_equal(np.asarray(student.language_model.embed_tokens.embedding[...]),
                                 np.asarray(teacher.language_model.embed_tokens.embedding[...]))
+
+
+def test_the_permuted_significance_puts_the_same_values_on_other_weights():
+  from quant.sensitivity_fixture import with_sensitivity
+  rng = np.random.default_rng(2)
+  sens = {f"l{i}": with_sensitivity(_stats(rng, 24), 16, seed=i).sensitivity for i in range(2)}
+  shuffled = distill.permuted(sens, seed=0)
+  assert distill.permuted(sens, seed=0).keys() == sens.keys()
+  for p in sens:
+    a, b = np.asarray(sens[p].loss_weight()), np.asarray(shuffled[p].loss_weight())
+    np.testing.assert_allclose(np.sort(a.ravel()), np.sort(b.ravel()), rtol=1e-6)  # the same values
+    assert not np.allclose(a, b)  # on other weights
+    np.testing.assert_array_equal(np.asarray(shuffled[p].loss_weight()),
+                                  np.asarray(distill.permuted(sens, seed=0)[p].loss_weight()))  # seeded

@@ -59,6 +59,17 @@ class OutputSensitivity:
     ones = jnp.ones_like(self.grad_text)
     return dataclasses.replace(self, grad_text=self.n_text * ones, grad_vis=self.n_vis * ones)
 
+  def loss_weight(self) -> jax.Array:
+    """`[in, out]` `grad_t[k]·diag_t[j] + grad_v[k]·diag_v[j]`: a weight error's loss cost per
+    unit² (the diagonal of the objective above), comparable across layers: the per-weight
+    significance map."""
+    return entry_weight(self.grad_text, self.grad_vis, self.diag_text, self.diag_vis)
+
+
+def entry_weight(g_text, g_vis, d_text, d_vis) -> jax.Array:
+  """`g_t[k]·d_t[j] + g_v[k]·d_v[j]` `[in, out]` (g `[out]`; or a scalar each: `[in, 1]`)."""
+  return g_text * d_text[:, None] + g_vis * d_vis[:, None]
+
 
 def uniform_sensitivity(stats: "LayerStats", n_out: int) -> OutputSensitivity:
   """No measurement: every output felt alike on every token (ĝ ≡ 1). SAB's loss-calibrated

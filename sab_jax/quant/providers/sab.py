@@ -65,11 +65,6 @@ SIGNIFICANCE = ("fisher", "hessian", "uniform")
 UNSTRUCTURED_ROWS = 0.09
 
 
-def _entry_weight(g_text, g_vis, d_text, d_vis):
-  """`g_t[k]·d_t[j] + g_v[k]·d_v[j]` `[in, out]` (g `[out]`; or a scalar each: `[in, 1]`)."""
-  return g_text * d_text[:, None] + g_vis * d_vis[:, None]
-
-
 @jax.jit
 def _fisher_objective(h_text, h_vis, grad_text, grad_vis, h_count):
   f_t, f_v = jnp.mean(grad_text), jnp.mean(grad_vis)
@@ -78,7 +73,7 @@ def _fisher_objective(h_text, h_vis, grad_text, grad_vis, h_count):
   safe = jnp.where(live, total, 1.0)
   h = jnp.where(live, (f_t * h_text + f_v * h_vis) / safe, h_count)
   d_t, d_v = jnp.diag(h_text), jnp.diag(h_vis)
-  num, den = _entry_weight(grad_text, grad_vis, d_t, d_v), _entry_weight(f_t, f_v, d_t, d_v)
+  num, den = base.entry_weight(grad_text, grad_vis, d_t, d_v), base.entry_weight(f_t, f_v, d_t, d_v)
   lam = jnp.where(live & (den > 0), num / jnp.where(den > 0, den, 1.0), 1.0)
   return h, lam
 
@@ -94,12 +89,6 @@ def fisher_objective(stats: base.LayerStats) -> tuple[jax.Array, jax.Array]:
   """
   sens = stats.sensitivity
   return _fisher_objective(stats.h_text, stats.h_vis, sens.grad_text, sens.grad_vis, stats.h)
-
-
-def loss_weight(sens: base.OutputSensitivity) -> jax.Array:
-  """`[in, out]` `g_t[k]·H_t[j,j] + g_v[k]·H_v[j,j]` on the full-precision inputs: a weight
-  error's loss cost per unit², comparable across layers (the diagonal of the objective)."""
-  return _entry_weight(sens.grad_text, sens.grad_vis, sens.diag_text, sens.diag_vis)
 
 
 _significance = jax.jit(significance_core.significance_map,
@@ -196,7 +185,7 @@ class Sab:
     if self._budget != "model":
       return {p: None for p in kernels}
     return salient_split.model_salient_budget(
-        {p: (kernels[p], loss_weight(self._felt(sensitivity[p]))) for p in kernels}, block_size=self.block_size,
+        {p: (kernels[p], self._felt(sensitivity[p]).loss_weight()) for p in kernels}, block_size=self.block_size,
         scale_block=self.scale_block if self.structured else None, salient_rows=self.layout_salient_rows,
         salient_groups=self.salient_groups and not self.structured)
 
