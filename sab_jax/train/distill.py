@@ -6,7 +6,9 @@ the PTQ model exactly. Only the latent weights and the scales train (`TRAINABLE`
 other parameters stay the teacher's. The loop is `train.train` with the teacher passed in
 (same mesh, same jitted step), so checkpoints, resume, non-finite handling and logging
 are the teacher's. The trained student is written back as the PTQ provider's parts, i.e.
-a packed export that `models.packed` serves like any other.
+a packed export that `serve.packed` serves like any other. A student layer may carry the
+calibration pass's significance map and step its weights by it (`build_student`'s
+`significance`; `permuted` is that map's ablation).
 """
 
 from __future__ import annotations
