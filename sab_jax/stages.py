@@ -383,9 +383,11 @@ def _teacher_significance(ctx: Context, paths) -> dict[str, Any]:
         "the calibration batches of stage 'calibrate', which this run has not drawn: run "
         f"--config.stages=\"{_with_prerequisites(('calibrate', 'distill'))}\" (or set significance_power=0)")
   mesh = ctx.mesh
-  model = sharding_lib.place(nnx.clone(ctx.teacher), mesh, ctx.config.logical_axis_rules)
+  # the teacher itself (placed in place, as distillation places it): the pass only wraps its
+  # layers for the measurement and puts them back, so no copy of the model is needed
+  model = sharding_lib.place(ctx.teacher, mesh, ctx.config.logical_axis_rules)
   batches = calibrate.on_mesh(ctx.calib_batches, mesh, loss_mask=True, reader="the distillation's significance map")
-  return sensitivity.measure(model, batches, sorted(paths), mesh)
+  return sensitivity.measure(model, batches, list(paths), mesh)
 
 
 def stage_distill(ctx: Context) -> None:
