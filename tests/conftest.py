@@ -26,7 +26,11 @@ import tempfile
 
 import pytest
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # `import experiments...`
+import xla_env  # noqa: E402  (tests/, just put on the path)
+
+os.environ.setdefault("XLA_FLAGS", xla_env.flags(devices=8))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Set before jax is imported, here and (inherited) in every worker and subprocess.
 _OWN_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ
@@ -36,8 +40,6 @@ if _OWN_CACHE:
   # pipelines compile hundreds of small programs per method, and the next run reads them back.
   os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
   os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
-sys.path.insert(0, os.path.dirname(__file__))
-sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # `import experiments...`
 
 
 def pytest_addoption(parser, pluginmanager):

@@ -12,6 +12,8 @@ import time
 
 import pytest
 
+import xla_env
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEMO = os.path.join(REPO, "experiments", "configs", "demo.py")
 ARGS = [f"--config={DEMO}:smoke", "--config.quant.methods=('sab',)", "--config.quant.variants={}",
@@ -26,9 +28,7 @@ def _cmd(workdir):
 
 
 def _env(tmp_path):
-  env = dict(os.environ, TFDS_DATA_DIR=str(tmp_path / "tfds"))
-  env.pop("XLA_FLAGS", None)
-  return env
+  return dict(os.environ, TFDS_DATA_DIR=str(tmp_path / "tfds"), XLA_FLAGS=xla_env.flags())  # one CPU device
 
 
 def _final_loss(workdir):

@@ -1,6 +1,6 @@
 """Multi-process runs: jax.distributed start-up, the launchers, and training across 2 real processes.
 
-The children get no XLA_FLAGS (conftest gives this process 8 simulated devices): each
+The children get XLA_FLAGS without simulated devices (conftest gives this process 8): each
 child has one CPU device, so two processes form a 2-device global mesh. Tests that start real
 JAX processes or time a launcher are `serial`: no other pytest-xdist worker runs meanwhile.
 """
@@ -18,6 +18,7 @@ import time
 import ml_collections
 import pytest
 
+import xla_env
 from sab_jax import config_utils, distributed
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -28,7 +29,7 @@ POD = os.path.join(REPO, "experiments", "configs", "llava7b_pod.py")
 
 def _child_env(**extra):
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS" and not k.startswith(("SAB_", "SLURM_"))}
-  env.update(JAX_PLATFORMS="cpu", PYTHONPATH=REPO, **extra)
+  env.update(JAX_PLATFORMS="cpu", PYTHONPATH=REPO, XLA_FLAGS=xla_env.flags(), **extra)  # one CPU device each
   return env
 
 
