@@ -86,14 +86,18 @@ def _device_batch(batch: dict[str, np.ndarray], mesh, keys) -> dict[str, jax.Arr
 
 
 def train_step(model: nnx.Module, optimizer: nnx.Optimizer, teacher: nnx.Module | None,
-               batch: dict[str, jax.Array], *, loss_fn: Callable, wrt: Any = nnx.Param) -> jax.Array:
+               batch: dict[str, jax.Array], *, loss_fn: Callable, wrt: Any = nnx.Param,
+               shardings: tuple[Any, Any] | None = None) -> jax.Array:
   """One forward, backward and optimiser update of `model` in place; returns the loss.
 
   Without a teacher: `loss_fn(logits, batch)`. With one (distillation): the teacher runs
   on the same inputs, gradient-free, and `loss_fn(logits, batch, teacher_logits, hidden,
   teacher_hidden)` sees both models' logits and final hidden states (`forward`). Only the
-  variables matching `wrt` are differentiated and updated. Not jitted: `make_train_step`
-  is, and the benchmarks time that same function.
+  variables matching `wrt` are differentiated and updated. With `shardings` (the model's
+  and the optimiser's state shardings, as `train` placed them) the updated state keeps
+  them: left to XLA, some come back laid out otherwise (a binarized layer's replicated
+  scales split over fsdp), and the next step is compiled a second time for the new inputs.
+  Not jitted: `make_train_step` is, and the benchmarks time that same function.
   """
   inputs = (batch["input_ids"], batch["pixel_values"], batch["attention_mask"])
   if teacher is not None:
@@ -107,16 +111,22 @@ def train_step(model: nnx.Module, optimizer: nnx.Optimizer, teacher: nnx.Module 
 
   loss, grads = nnx.value_and_grad(loss_of, argnums=nnx.DiffState(0, wrt))(model)
   optimizer.update(model, grads)
+  if shardings is not None:
+    model_shardings, opt_shardings = shardings
+    nnx.update(model, jax.lax.with_sharding_constraint(nnx.state(model), model_shardings))
+    nnx.update(optimizer, jax.lax.with_sharding_constraint(nnx.state(optimizer, nnx.OptState), opt_shardings))
   return loss
 
 
-def make_train_step(loss_fn: Callable = answer_cross_entropy, wrt: Any = nnx.Param) -> Callable:
-  """`train_step` for one loss and filter, jitted; (model, optimizer, teacher, batch) -> loss.
+def make_train_step(loss_fn: Callable = answer_cross_entropy, wrt: Any = nnx.Param,
+                    shardings: tuple[Any, Any] | None = None) -> Callable:
+  """`train_step` for one loss, filter and state layout, jitted; (model, optimizer, teacher, batch) -> loss.
 
   The model's and optimiser's buffers are donated (updated in place, no second copy of
   the parameters and moments); a teacher passed in must not share them.
   """
-  return nnx.jit(functools.partial(train_step, loss_fn=loss_fn, wrt=wrt), donate_argnums=(0, 1))
+  return nnx.jit(functools.partial(train_step, loss_fn=loss_fn, wrt=wrt, shardings=shardings),
+                 donate_argnums=(0, 1))
 
 
 def train(tc: ml_collections.ConfigDict, workdir: str, model: nnx.Module, data: Any, *, mesh: Any,
@@ -144,13 +154,14 @@ def train(tc: ml_collections.ConfigDict, workdir: str, model: nnx.Module, data: 
   # --- shardings -----------------------------------------------------------------------
   rules = tuple(tuple(r) for r in rules)
   graphdef, state = nnx.split(model)
-  state = jax.device_put(state, sharding_lib.state_shardings(state, mesh, rules))
-  model = nnx.merge(graphdef, state)
+  model_shardings = sharding_lib.state_shardings(state, mesh, rules)
+  model = nnx.merge(graphdef, jax.device_put(state, model_shardings))
   if teacher is not None:
     teacher = sharding_lib.place(teacher, mesh, rules)
   optimizer = nnx.Optimizer(model, make_optimizer(tc), wrt=wrt)
   opt_state = nnx.state(optimizer, nnx.OptState)  # moments follow their parameters; counters replicate
-  nnx.update(optimizer, jax.device_put(opt_state, sharding_lib.state_shardings(opt_state, mesh, rules)))
+  opt_shardings = sharding_lib.state_shardings(opt_state, mesh, rules)
+  nnx.update(optimizer, jax.device_put(opt_state, opt_shardings))
 
   # --- resume --------------------------------------------------------------------------
   ckpt_dir = os.path.join(workdir, "checkpoints", name)
@@ -163,7 +174,7 @@ def train(tc: ml_collections.ConfigDict, workdir: str, model: nnx.Module, data: 
     if data_state:
       data_iter.set_state(data_state)
     print(f"[{name}] resuming from checkpoint step {start} in {ckpt_dir}", flush=True)
-  step_fn = make_train_step(loss_fn, wrt)
+  step_fn = make_train_step(loss_fn, wrt, shardings=(model_shardings, opt_shardings))
 
   # --- loop ----------------------------------------------------------------------------
   writer = _summary_writer(os.path.join(workdir, "tb", name))

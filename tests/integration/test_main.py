@@ -7,6 +7,8 @@ import sys
 
 import pytest
 
+import xla_env
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEMO = os.path.join(REPO, "experiments", "configs", "demo.py")
 
@@ -23,7 +25,9 @@ def _config(arg="smoke", **fields):
 
 
 def _run(tmp_path, *args):
-  env = dict(os.environ, TFDS_DATA_DIR=str(tmp_path / "tfds"))
+  """`python -m sab_jax.main` as README's first command runs it: one CPU device (the
+  multi-device pipelines: test_pod_config.py, test_qwen_pod_config.py, test_multiprocess.py)."""
+  env = dict(os.environ, TFDS_DATA_DIR=str(tmp_path / "tfds"), XLA_FLAGS=xla_env.flags())
   return subprocess.run([sys.executable, "-m", "sab_jax.main", *args], cwd=REPO, env=env,
                         capture_output=True, text=True, timeout=1200)
 

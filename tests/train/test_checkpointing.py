@@ -1,8 +1,6 @@
 """checkpointing.save refuses parameters that are not finite, and writes nothing for them;
 small replicated arrays are written whole, large ones spread over their replicas."""
 
-import contextlib
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,6 +8,8 @@ import optax
 import pytest
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
+
+import jax_events
 
 from sab_jax.train import checkpointing
 
@@ -50,22 +50,10 @@ class _Replicated(nnx.Module):
       self.large = nnx.Param(put(jnp.ones((rows, 1031), jnp.float32)))
 
 
-@contextlib.contextmanager
-def _traced_functions():
-  names = []
-  listener = lambda event, _duration, fun_name=None, **_: names.append(fun_name) if event.endswith(
-      "jaxpr_trace_duration") else None
-  jax.monitoring.register_event_duration_secs_listener(listener)
-  try:
-    yield names
-  finally:
-    jax.monitoring.unregister_event_duration_listener(listener)
-
-
 def _save(directory, model):
   """The functions traced while `checkpointing.save` writes `model`."""
   mngr = checkpointing.manager(str(directory), save_every=1, keep=1)
-  with _traced_functions() as traced:
+  with jax_events.recorded(jax_events.TRACED) as traced:
     assert checkpointing.save(mngr, 1, model, None, None)
     mngr.wait_until_finished()
   return mngr, traced

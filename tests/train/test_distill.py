@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+import jax_events
 from sab_jax import sharding
 from sab_jax.calib import calibrate, sensitivity
 from sab_jax.data import pipeline, tokenizer
@@ -121,8 +122,12 @@ def test_distillation_on_8_devices_matches_1_device(tmp_path, source, teacher_an
   sig = {"significance": teacher_significance, "power": 0.5}
   student, one = _distil(tmp_path / "a", source, teacher_and_parts, 4, {"data": 1, "fsdp": 1, "model": 1},
                          devices=jax.devices()[:1], **sig)
-  _, eight = _distil(tmp_path / "b", source, teacher_and_parts, 4, {"data": 4, "fsdp": 1, "model": 2}, **sig)
+  with jax_events.recorded(jax_events.LOWERED) as lowered:
+    _, eight = _distil(tmp_path / "b", source, teacher_and_parts, 4, {"data": 4, "fsdp": 1, "model": 2}, **sig)
   np.testing.assert_allclose([l for _, l in eight], [l for _, l in one], rtol=2e-4)
+  # One program for the 4 steps: the updated state keeps its layout (XLA would split the
+  # binarized layers' replicated scales over the mesh, and step 2 would be compiled again).
+  assert lowered.count("jit(<unnamed function>)") == 1, lowered
   # The student moves towards the teacher: its KD loss on the first training batch falls
   # (per-step losses are on different batches, too noisy over 4 steps to compare).
   teacher, layers = (_on_device_0(teacher_and_parts[0]), teacher_and_parts[1])
