@@ -20,10 +20,10 @@ BLOCK = ("import sys\n"
 SPY = ("import json\n"
        "from sab_jax.train import train as train_lib\n"
        "traced, library_step = [], train_lib.train_step\n"
-       "def spy(model, optimizer, teacher, batch, *, loss_fn, wrt):\n"
+       "def spy(model, optimizer, teacher, batch, *, loss_fn, wrt, **kw):\n"
        "  name = getattr(loss_fn, 'func', loss_fn).__name__\n"
        "  traced.append([name, type(teacher).__name__, getattr(wrt, '__name__', type(wrt).__name__)])\n"
-       "  return library_step(model, optimizer, teacher, batch, loss_fn=loss_fn, wrt=wrt)\n"
+       "  return library_step(model, optimizer, teacher, batch, loss_fn=loss_fn, wrt=wrt, **kw)\n"
        "train_lib.train_step = spy\n")
 
 
