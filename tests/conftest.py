@@ -1,5 +1,6 @@
-"""Test-wide setup: 8 simulated CPU devices for the multi-device tests (must precede importing jax,
-and runs again in every pytest-xdist worker), one JAX compilation cache for the session, the
+"""Test-wide setup: 8 simulated CPU devices for the multi-device tests and XLA's CPU backend at
+-O0 (`xla_env.py`: the suite mostly compiles; must precede importing jax, and runs again in
+every pytest-xdist worker), one JAX compilation cache for the session, the
 synthetic VQA dataset built once per session, and the `serial` marker: such a test runs while
 no other xdist worker runs one.
 

@@ -264,16 +264,23 @@ def test_two_processes_fsdp_pipeline_matches_one_process(tmp_path, tfds_dir):
           "--config.distill.variants={}", "--config.eval.batch_size=4",
           "--config.eval.max_examples=25", "--config.mesh.data=1", "--config.mesh.fsdp=-1"]
   env = _child_env(TFDS_DATA_DIR=str(tfds_dir))
-  # The reference: the teacher's answers from one process.
-  one = subprocess.run([sys.executable, "-m", "sab_jax.main", f"--workdir={tmp_path / 'one'}", *args,
-                        "--config.stages=('data', 'teacher', 'eval_fp', 'calibrate')"], cwd=REPO,
-                       env=env, capture_output=True, text=True, timeout=600)
-  assert one.returncode == 0, one.stderr[-3000:]
-  two = subprocess.run(["bash", os.path.join(LAUNCH, "local.sh"), f"--workdir={tmp_path / 'two'}", *args,
-                        "--config.stages=('data', 'teacher', 'eval_fp', 'calibrate', 'binarize', 'export', "
-                        "'distill', 'eval')"], cwd=REPO,
-                       env=dict(env, NUM_PROCESSES="2", LOG_DIR=str(tmp_path / "logs")), capture_output=True,
-                       text=True, timeout=600)
+  # The reference: the teacher's answers from one process, run beside the two (the cores
+  # would idle while each process waits for the other).
+  one = subprocess.Popen([sys.executable, "-m", "sab_jax.main", f"--workdir={tmp_path / 'one'}", *args,
+                          "--config.stages=('data', 'teacher', 'eval_fp', 'calibrate')"], cwd=REPO,
+                         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  try:
+    two = subprocess.run(["bash", os.path.join(LAUNCH, "local.sh"), f"--workdir={tmp_path / 'two'}", *args,
+                          "--config.stages=('data', 'teacher', 'eval_fp', 'calibrate', 'binarize', 'export', "
+                          "'distill', 'eval')"], cwd=REPO,
+                         env=dict(env, NUM_PROCESSES="2", LOG_DIR=str(tmp_path / "logs")), capture_output=True,
+                         text=True, timeout=600)
+    _, one_err = one.communicate(timeout=600)
+  finally:
+    if one.poll() is None:  # the two-process run failed or timed out first
+      one.kill()
+      one.communicate()
+  assert one.returncode == 0, one_err[-3000:]
   logs = "".join((tmp_path / "logs" / f"process_{i}.log").read_text()[-2500:] for i in range(2))
   assert two.returncode == 0, logs
   rows = lambda path: [json.loads(line) for line in path.read_text().splitlines()]
