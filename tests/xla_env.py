@@ -9,6 +9,8 @@ executes (greedy answers to the whole 2000-question split, twice) takes 66 s ins
 every test compares runs made under the same flags.
 """
 
+import os
+
 FAST_COMPILE = "--xla_backend_optimization_level=0"
 
 
@@ -16,3 +18,8 @@ def flags(devices: int | None = None) -> str:
   """XLA_FLAGS for a process with `devices` simulated CPU devices (None: the one real device)."""
   simulated = [f"--xla_force_host_platform_device_count={devices}"] if devices else []
   return " ".join([*simulated, FAST_COMPILE])
+
+
+def environ(devices: int | None = None, **extra: str) -> dict[str, str]:
+  """This process's environment for a child with `devices` simulated CPU devices, plus `extra`."""
+  return dict(os.environ, XLA_FLAGS=flags(devices), **extra)

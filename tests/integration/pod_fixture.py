@@ -25,7 +25,7 @@ def run_pipeline(config, root, *overrides, workdir="wd"):
   """`python -m sab_jax.main --config=config` on 8 simulated CPU devices, data under root/tfds."""
   args = [sys.executable, "-m", "sab_jax.main", f"--config={config}", f"--workdir={root / workdir}",
           f"--config.data.data_dir={root / 'tfds'}", *overrides]
-  env = dict(os.environ, XLA_FLAGS=xla_env.flags(devices=8), JAX_PLATFORMS="cpu")
+  env = xla_env.environ(devices=8, JAX_PLATFORMS="cpu")
   return subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
 
 

@@ -28,7 +28,7 @@ def _cmd(workdir):
 
 
 def _env(tmp_path):
-  return dict(os.environ, TFDS_DATA_DIR=str(tmp_path / "tfds"), XLA_FLAGS=xla_env.flags())  # one CPU device
+  return xla_env.environ(TFDS_DATA_DIR=str(tmp_path / "tfds"))  # one CPU device
 
 
 def _final_loss(workdir):

@@ -27,7 +27,7 @@ def _config(arg="smoke", **fields):
 def _run(tmp_path, *args):
   """`python -m sab_jax.main` as README's first command runs it: one CPU device (the
   multi-device pipelines: test_pod_config.py, test_qwen_pod_config.py, test_multiprocess.py)."""
-  env = dict(os.environ, TFDS_DATA_DIR=str(tmp_path / "tfds"), XLA_FLAGS=xla_env.flags())
+  env = xla_env.environ(TFDS_DATA_DIR=str(tmp_path / "tfds"))
   return subprocess.run([sys.executable, "-m", "sab_jax.main", *args], cwd=REPO, env=env,
                         capture_output=True, text=True, timeout=1200)
 

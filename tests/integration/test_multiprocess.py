@@ -28,8 +28,8 @@ POD = os.path.join(REPO, "experiments", "configs", "llava7b_pod.py")
 
 
 def _child_env(**extra):
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS" and not k.startswith(("SAB_", "SLURM_"))}
-  env.update(JAX_PLATFORMS="cpu", PYTHONPATH=REPO, XLA_FLAGS=xla_env.flags(), **extra)  # one CPU device each
+  env = {k: v for k, v in xla_env.environ().items() if not k.startswith(("SAB_", "SLURM_"))}  # one CPU device each
+  env.update(JAX_PLATFORMS="cpu", PYTHONPATH=REPO, **extra)
   return env
 
 
