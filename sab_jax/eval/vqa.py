@@ -8,6 +8,7 @@ sums are combined, so every process returns the same table.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Iterable, Sequence
 
 import jax
@@ -48,7 +49,7 @@ def _transfers(model) -> tuple[Callable, Callable]:
   return to_device, to_host
 
 
-@nnx.jit
+@functools.partial(nnx.jit, graph_updates=False)  # reads the models only: see decoding.greedy_generate
 def _answer_loss_rows(model, teacher, input_ids, pixel_values, attention_mask, loss_mask):
   """Per row: Σ over answer tokens of the reference answer's cross-entropy and of
   KL(teacher ‖ model) of the next-token distributions (0 without a teacher), and the token count."""

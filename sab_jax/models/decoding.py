@@ -20,7 +20,11 @@ from flax import nnx
 from sab_jax.models import llama
 
 
-@functools.partial(nnx.jit, static_argnames=("max_new_tokens", "image_grid_thw"))
+# graph_updates=False: the model is only read, and nnx.jit would otherwise write its whole state back
+# from the program's outputs, committed to the devices of any committed input (a teacher, a
+# sharded batch); a model loaded from host arrays then reached its next call with other input
+# shardings and compiled the same program again.
+@functools.partial(nnx.jit, static_argnames=("max_new_tokens", "image_grid_thw"), graph_updates=False)
 def greedy_generate(model: nnx.Module, prompt_ids: jax.Array, prompt_mask: jax.Array, pixel_values: jax.Array | None,
                     *, max_new_tokens: int, eos_id: int, pad_id: int = 0,
                     image_grid_thw: tuple[tuple[int, int, int], ...] | None = None) -> jax.Array:

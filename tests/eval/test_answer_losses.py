@@ -1,5 +1,6 @@
 """The teacher-forced answer losses every evaluation records, against float64 numpy."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -42,3 +43,27 @@ def test_answer_ce_and_kl_per_row_match_numpy():
   none = np.asarray(vqa._answer_loss_rows(model, None, *args))
   np.testing.assert_allclose(none[:, 0], rows[:, 0], rtol=1e-6)
   assert not none[:, 1].any()
+
+
+def test_evaluation_compiles_each_program_once_per_model():
+  """A model from host arrays (as `serve.packed.from_export` builds it) and a teacher restored on
+  a device: with nnx.jit's default graph updates the model's state came back committed after
+  the first batch, and the next batch lowered and compiled greedy decoding and the loss pass a
+  second time (twice per evaluated model in every pipeline)."""
+  from jax_events import LOWERED, recorded
+  from sab_jax.data import pipeline, synthetic_vqa
+  from sab_jax.data import tokenizer as tokenizer_lib
+
+  model, teacher = llava.Model("test", rngs=nnx.Rngs(0)), llava.Model("test", rngs=nnx.Rngs(1))
+  nnx.update(teacher, jax.device_put(nnx.state(teacher), jax.devices()[0]))  # committed, as one restored by orbax
+  tok = tokenizer_lib.WordTokenizer.for_synthetic_vqa()
+  records = list(synthetic_vqa.generate_split("test", 9))
+  batches = pipeline.make_dataset(  # 3 batches of 3, a shape no other test evaluates
+      records, tok, num_image_tokens=model.cfg.num_image_tokens, image_mean=pipeline.CLIP_MEAN,
+      image_std=pipeline.CLIP_STD, batch_size=3, max_prompt_len=model.cfg.num_image_tokens + 21, max_answer_len=2,
+      shuffle=False, num_epochs=1, drop_remainder=False, image_size=model.cfg.vision.image_size, shard_index=0,
+      shard_count=1)
+  with recorded(LOWERED) as lowered:
+    table = vqa.evaluate(model, batches, tok, question_types=synthetic_vqa.QUESTION_TYPES, teacher=teacher)
+  assert table["count"] == 9 and np.isfinite(table["kl_from_teacher"])
+  assert lowered.count("jit(greedy_generate)") == 1 and lowered.count("jit(_answer_loss_rows)") == 1, lowered
