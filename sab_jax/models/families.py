@@ -20,7 +20,7 @@ from typing import Any, Callable, Mapping
 
 from flax import nnx
 
-from sab_jax.models import hf, llava, prompts, qwen25vl
+from sab_jax.models import hf, layers, llava, prompts, qwen25vl
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,7 +83,7 @@ def build(cfg: Any, **kw) -> nnx.Module:
 
 def abstract(cfg: Any, **kw) -> nnx.Module:
   """`build`'s structure, shapes and dtypes, nothing initialised (a restore or import template)."""
-  return nnx.eval_shape(lambda: build(cfg, rngs=nnx.Rngs(0), **kw))
+  return layers.abstract(lambda: build(cfg, rngs=nnx.Rngs(0), **kw))
 
 
 def with_image_size(cfg: Any, image_size: int | None) -> Any:

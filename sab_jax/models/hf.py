@@ -39,7 +39,7 @@ from jax.sharding import Mesh
 
 from sab_jax import sharding as sharding_lib
 from sab_jax.errors import UserError
-from sab_jax.models import clip, llama, paths, qwen25vl
+from sab_jax.models import clip, layers, llama, paths, qwen25vl
 from sab_jax.models.llava import Llava, LlavaConfig
 from sab_jax.models.qwen25vl import Qwen25VL, Qwen25VLConfig
 
@@ -530,7 +530,7 @@ def hf_names(cfg: ModelConfig) -> dict[str, str]:
   """
   f = family(cfg)
   f.check(cfg)
-  _, state = nnx.split(nnx.eval_shape(lambda: f.model(cfg, rngs=nnx.Rngs(0))))
+  _, state = nnx.split(layers.abstract(lambda: f.model(cfg, rngs=nnx.Rngs(0))))
   out = {}
   for p, _ in nnx.to_flat_state(state):
     path = paths.dotted(p)
@@ -577,7 +577,7 @@ def from_pretrained(path: str, *, dtype: Any = jnp.float32, param_dtype: Any = j
   kw = dict(dtype=dtype, param_dtype=param_dtype)
   if dense is not None:
     kw["dense"] = dense
-  abstract = nnx.eval_shape(lambda: fam.model(cfg, rngs=nnx.Rngs(0), **kw))
+  abstract = layers.abstract(lambda: fam.model(cfg, rngs=nnx.Rngs(0), **kw))
   graphdef, abstract_state = nnx.split(abstract)
   expected = {paths.dotted(p): v for p, v in nnx.to_flat_state(abstract_state)}
 

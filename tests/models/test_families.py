@@ -4,11 +4,13 @@ square image size."""
 
 import dataclasses
 
+import jax
 import pytest
+from flax import nnx
 
 from sab_jax.data import tokenizer as tokenizer_lib
 from sab_jax.export import manifest
-from sab_jax.models import families, llava, qwen25vl
+from sab_jax.models import families, layers, llava, qwen25vl
 
 
 def test_config_dicts_round_trip_by_family():
@@ -49,3 +51,20 @@ def test_only_a_dynamic_resolution_tower_takes_another_image_size():
   assert families.with_image_size(clip, clip.vision.image_size) is clip
   with pytest.raises(ValueError, match="takes 32x32 images only"):
     families.with_image_size(clip, 64)
+
+
+@pytest.mark.parametrize("name", ["test", "qwen2.5-vl-test"])
+def test_abstract_templates_equal_nnx_eval_shape(name):
+  """`layers.abstract` traces parameters as zeros instead of drawing them (linear, not quadratic,
+  in the parameter count): the template must be the one `nnx.eval_shape` gives, in structure,
+  shapes, dtypes and axis names."""
+  cfg = families.VARIANTS[name]
+  for kw in ({}, {"param_dtype": jax.numpy.bfloat16}):
+    ours = nnx.split(families.abstract(cfg, **kw))
+    theirs = nnx.split(nnx.eval_shape(lambda: families.build(cfg, rngs=nnx.Rngs(0), **kw)))
+    assert ours[0] == theirs[0]
+    a, b = list(nnx.to_flat_state(ours[1])), list(nnx.to_flat_state(theirs[1]))
+    assert [p for p, _ in a] == [p for p, _ in b] and len(a) > 50
+    for (p, u), (_, v) in zip(a, b):
+      assert type(u) is type(v) and u.get_value() == v.get_value() and u.get_metadata() == v.get_metadata(), p
+  assert not layers._SHAPES_ONLY.get()  # only inside the template's trace: a real model draws its weights

@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 from sab_jax import sharding
-from sab_jax.models import decoding, layers, llava
+from sab_jax.models import decoding, families, layers, llava
 
 IMG = 3  # image token id of the 'test' variant
 
@@ -129,7 +129,7 @@ def test_every_parameter_has_logical_axes_and_shards_on_8_devices():
 
 @pytest.mark.slow
 def test_variants_build_abstractly_at_7b_scale():
-  model = nnx.eval_shape(lambda: llava.Model("llava-1.5-7b", rngs=nnx.Rngs(0)))
+  model = families.abstract(llava.VARIANTS["llava-1.5-7b"])
   n = sum(v.size for v in jax.tree.leaves(nnx.state(model, nnx.Param)))
   assert 7.0e9 < n < 7.2e9  # LLaVA-1.5-7B: 6.74B Vicuna + 0.30B CLIP-L/14 + 21M projector
   assert model.cfg.num_image_tokens == 576
