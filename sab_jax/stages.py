@@ -14,7 +14,7 @@ import json
 import os
 import sys
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -38,8 +38,9 @@ from sab_jax.train import checkpointing, distill, train as train_lib
 class Context:
   """What the stages share within one run: config, workdir, results and built objects."""
 
-  def __init__(self, config: ml_collections.ConfigDict, workdir: str):
-    self.config, self.workdir = config, workdir
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str, devices: Sequence[Any] | None = None):
+    """`devices`: what `config.mesh` spans (None: every device, as `main` runs)."""
+    self.config, self.workdir, self.devices = config, workdir, devices
     self.results_path = os.path.join(workdir, "results.json")
     self.results: dict[str, Any] = {"methods": {}}
     if os.path.exists(self.results_path):
@@ -90,7 +91,7 @@ class Context:
 
   def abstract_model(self) -> nnx.Module:
     """The model's structure, shapes and dtypes without initialising any weight (a template)."""
-    return nnx.eval_shape(lambda: self.new_model())
+    return families.abstract(self.model_cfg, param_dtype=self.param_dtype)
 
   def source(self, builder_config: str, split: str):
     if builder_config not in self.builders:
@@ -107,7 +108,7 @@ class Context:
 
   @functools.cached_property
   def mesh(self):
-    return sharding_lib.make_mesh(dict(self.config.mesh))
+    return sharding_lib.make_mesh(dict(self.config.mesh), self.devices)
 
   @property
   def data_dir(self) -> str:

@@ -336,6 +336,10 @@ def salient_split_ptq(kernel: jax.Array, h: jax.Array, weight: jax.Array, *, blo
   return w_hat, parts, bits
 
 
+# One program per layer shape (eagerly, each of its dozen array ops compiled one of its own).
+_residual_plane_gain = jax.jit(binarize_core.residual_plane_gain)
+
+
 def model_salient_budget(layers: Mapping[str, tuple[jax.Array, jax.Array]], *, block_size: int,
                          scale_block: int | None, salient_rows: float | str, salient_groups: bool = False
                          ) -> dict[str, int]:
@@ -369,7 +373,7 @@ def model_salient_budget(layers: Mapping[str, tuple[jax.Array, jax.Array]], *, b
     n_fixed = sum(min(count, r) for r in bits_core.block_rows(n_in, group))
     cost = n_out + (3 if salient_groups else 1) * bits_core.SCALE_BITS + math.ceil(math.log2(max(group, 2)))
     budget_bits += n_fixed * cost
-    gain = np.asarray(binarize_core.residual_plane_gain(jnp.asarray(w, jnp.float32), jnp.asarray(weight, jnp.float32),
+    gain = np.asarray(_residual_plane_gain(jnp.asarray(w, jnp.float32), jnp.asarray(weight, jnp.float32),
                                                         jnp.ones((n_in,), jnp.float32)), np.float64)
     gains.append(np.maximum(gain, 0.0) / cost)
     costs.append(np.full(n_in, cost, np.float64))
