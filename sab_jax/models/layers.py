@@ -42,7 +42,7 @@ def abstract(make: Callable[[], nnx.Module]) -> nnx.Module:
   Its parameters are traced as zeros instead of drawn: every draw advances the RNG stream's
   counter, and flax (0.12) then reads the new counter's `sharding`, which on a tracer builds an
   error message from the whole trace so far; the drawing made a template's cost quadratic in
-  its parameter count (6-8 s for Qwen2.5-VL-7B, 0.3 s without).
+  its parameter count (5-7 s for Qwen2.5-VL-7B, 0.2 s without).
   """
   token = _SHAPES_ONLY.set(True)
   try:

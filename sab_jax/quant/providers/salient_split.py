@@ -374,7 +374,7 @@ def model_salient_budget(layers: Mapping[str, tuple[jax.Array, jax.Array]], *, b
     cost = n_out + (3 if salient_groups else 1) * bits_core.SCALE_BITS + math.ceil(math.log2(max(group, 2)))
     budget_bits += n_fixed * cost
     gain = np.asarray(_residual_plane_gain(jnp.asarray(w, jnp.float32), jnp.asarray(weight, jnp.float32),
-                                                        jnp.ones((n_in,), jnp.float32)), np.float64)
+                                           jnp.ones((n_in,), jnp.float32)), np.float64)
     gains.append(np.maximum(gain, 0.0) / cost)
     costs.append(np.full(n_in, cost, np.float64))
     owners.append(np.full(n_in, i))
