@@ -7,9 +7,9 @@ import struct
 import jax
 import numpy as np
 import pytest
-from flax import nnx
 
 from models.hf_fixture import random_inputs, reference_logits, save_tiny_llava
+from models.model_forward import logits
 from sab_jax import sharding
 from sab_jax.models import hf
 
@@ -21,10 +21,6 @@ CASES = {
 }
 
 
-# The model's logits as one program (op by op, each op compiles one of its own per shape and sharding).
-_forward = nnx.jit(lambda model, ids, pixels: model(ids, pixels))
-
-
 @pytest.mark.parametrize("name", [n if n == "gqa_tied_default_m1" else pytest.param(n, marks=pytest.mark.slow)
                                   for n in sorted(CASES)])
 def test_logits_match_transformers(tmp_path, name):
@@ -32,7 +28,7 @@ def test_logits_match_transformers(tmp_path, name):
   ids, pixels = random_inputs(info)
   ref = reference_logits(info, ids, pixels)
   model = hf.from_pretrained(str(tmp_path))
-  out = np.asarray(_forward(model, ids, pixels))
+  out = np.asarray(logits(model, ids, pixels))
   assert out.shape == ref.shape
   assert np.abs(out - ref).max() < 1e-4
 
@@ -84,7 +80,7 @@ def test_loads_onto_mesh(tmp_path):
   q = model.language_model.layers[0].self_attn.q_proj.kernel[...]
   assert q.sharding.spec == jax.sharding.PartitionSpec("fsdp", "model")
   assert len(q.addressable_shards) == 8
-  assert np.abs(np.asarray(_forward(model, ids, pixels)) - ref).max() < 1e-4
+  assert np.abs(np.asarray(logits(model, ids, pixels)) - ref).max() < 1e-4
 
 
 def test_mismatched_checkpoint_lists_every_problem(tmp_path):

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from models.model_forward import logits
 from sab_jax import sharding
 from sab_jax.models import decoding, families, layers, llava
 
@@ -72,11 +73,10 @@ def test_generation_stops_at_eos_and_pads():
 def test_padding_does_not_change_logits_of_real_tokens():
   model = llava.Model("test", rngs=nnx.Rngs(1))
   ids, pixels = _prompt(model, 1, 5, seed=3)
-  forward = nnx.jit(lambda m, i, p, mask: m(i, p, attention_mask=mask))  # one program per shape, not per op
-  ref = forward(model, jnp.asarray(ids), jnp.asarray(pixels), None)
+  ref = logits(model, jnp.asarray(ids), jnp.asarray(pixels))
   padded = np.concatenate([np.zeros((1, 4), np.int32), ids], axis=1)
   mask = np.concatenate([np.zeros((1, 4), np.int32), np.ones_like(ids)], axis=1)
-  out = forward(model, jnp.asarray(padded), jnp.asarray(pixels), jnp.asarray(mask))
+  out = logits(model, jnp.asarray(padded), jnp.asarray(pixels), jnp.asarray(mask))
   np.testing.assert_allclose(np.asarray(out[:, 4:]), np.asarray(ref), atol=1e-5)
 
 
@@ -95,9 +95,8 @@ def test_bf16_compute_and_params_track_fp32():
   nnx.update(bf16, jax.tree.map(lambda v: v.astype(jnp.bfloat16), nnx.state(f32, nnx.Param)))
   assert bf16.language_model.layers[0].mlp.up_proj.kernel[...].dtype == jnp.bfloat16
   ids, pixels = _prompt(f32, 2, 5, seed=4)
-  forward = nnx.jit(lambda m, i, p: m(i, p))  # one program per model, not one per op
-  a = forward(f32, jnp.asarray(ids), jnp.asarray(pixels))
-  b = forward(bf16, jnp.asarray(ids), jnp.asarray(pixels))
+  a = logits(f32, jnp.asarray(ids), jnp.asarray(pixels))
+  b = logits(bf16, jnp.asarray(ids), jnp.asarray(pixels))
   assert b.dtype == jnp.bfloat16
   assert np.abs(np.asarray(b, np.float32) - np.asarray(a)).max() < 0.05 * np.abs(np.asarray(a)).max()
 

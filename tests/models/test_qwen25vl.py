@@ -2,7 +2,6 @@
 mrope positions and greedy tokens; both key layouts load; keys and config.json round-trip."""
 
 import dataclasses
-import functools
 import json
 import os
 import shutil
@@ -14,6 +13,7 @@ import pytest
 from flax import nnx
 
 from models import hf_fixture as F
+from models.model_forward import logits
 from models.test_hf import _rewrite_keys
 from sab_jax import sharding
 from sab_jax.models import decoding, families, hf, layers, llava, paths, qwen25vl
@@ -31,17 +31,6 @@ CASES = {
 # (H, W) in pixels: merged grids 3x2, 2x5, 5x3; image 1 and 2 share row 1 of the prompts.
 SIZES = [(24, 16), (16, 40), (40, 24)]
 ROWS = [[3, "image", 4], [2, "image", 1, "image", 5], [6]]
-
-
-@functools.partial(nnx.jit, static_argnames="image_grid_thw")
-def _jit_forward(model, ids, pixels, mask, image_grid_thw):
-  return model(ids, pixels, mask, **({} if image_grid_thw is None else {"image_grid_thw": image_grid_thw}))
-
-
-def _forward(model, ids, pixels, mask, image_grid_thw=None):
-  """The model's logits as one program (op by op, each op compiles one of its own per shape: ~3x the time)."""
-  grid = None if image_grid_thw is None else tuple(tuple(int(v) for v in g) for g in np.asarray(image_grid_thw))
-  return _jit_forward(model, ids, pixels, mask, image_grid_thw=grid)
 
 
 def _images(sizes, seed=0):
@@ -69,7 +58,7 @@ def test_logits_match_transformers_mixed_sizes(tmp_path, tiny, name):
   pv, grid = F.qwen_pixel_values(info, _images(SIZES))
   ids, mask = F.qwen_prompts(info, ROWS, grid)
   ref = F.qwen_reference_logits(info, ids, mask, pv, grid)
-  out = np.asarray(_forward(model, jnp.asarray(ids), jnp.asarray(pv), jnp.asarray(mask), image_grid_thw=grid))
+  out = np.asarray(logits(model, jnp.asarray(ids), jnp.asarray(pv), jnp.asarray(mask), image_grid_thw=grid))
   assert out.shape == ref.shape
   real = mask.astype(bool)  # padding rows attend to nothing: their logits are nobody's
   assert np.abs(out - ref)[real].max() < 1e-4
@@ -84,7 +73,7 @@ def test_multi_frame_grid_matches_transformers(tiny):
   pv = np.random.default_rng(7).normal(size=(int(np.prod(grid, axis=1).sum()), 96)).astype(np.float32)
   ids, mask = F.qwen_prompts(info, [[2, "image", 3], [1, "image", 1]], grid, seed=7)
   ref = F.qwen_reference_logits(info, ids, mask, pv, grid)
-  out = np.asarray(_forward(model, jnp.asarray(ids), jnp.asarray(pv), jnp.asarray(mask), image_grid_thw=grid))
+  out = np.asarray(logits(model, jnp.asarray(ids), jnp.asarray(pv), jnp.asarray(mask), image_grid_thw=grid))
   real = mask.astype(bool)
   assert np.abs(out - ref)[real].max() < 1e-4
   pos, _ = F.qwen_rope_index(info, ids, mask, grid)
@@ -104,7 +93,7 @@ def test_nhwc_equals_processor_layout(tiny):
   assert feats.shape == (3, 6, 64) and flat.shape == (18, 64)
   np.testing.assert_array_equal(np.asarray(feats).reshape(18, 64), np.asarray(flat))
   ref = F.qwen_reference_logits(info, ids, mask, pv, grid)
-  out = np.asarray(_forward(model, jnp.asarray(ids), jnp.asarray(images), jnp.asarray(mask)))
+  out = np.asarray(logits(model, jnp.asarray(ids), jnp.asarray(images), jnp.asarray(mask)))
   real = mask.astype(bool)
   assert np.abs(out - ref)[real].max() < 1e-4
   assert model.cfg.num_image_tokens == (model.cfg.vision.image_size // 8) ** 2
@@ -189,10 +178,9 @@ def test_sharded_index_and_mesh(tmp_path):
   ref = F.qwen_reference_logits(info, ids, mask, pv, grid)
   real = mask.astype(bool)
   mesh = sharding.make_mesh({"data": 1, "fsdp": 4, "model": 2})
-  forward = nnx.jit(lambda m, *a: m(*a, image_grid_thw=grid))  # one program, not one per op and sharding
   for kw in ({}, {"mesh": mesh}):
     model = hf.from_pretrained(str(tmp_path), **kw)
-    out = np.asarray(forward(model, jnp.asarray(ids), jnp.asarray(pv), jnp.asarray(mask)))
+    out = np.asarray(logits(model, jnp.asarray(ids), jnp.asarray(pv), jnp.asarray(mask), image_grid_thw=grid))
     assert np.abs(out - ref)[real].max() < 1e-4
   q = model.language_model.layers[0].self_attn.q_proj.kernel[...]
   assert q.sharding.spec == jax.sharding.PartitionSpec("fsdp", "model")
@@ -278,7 +266,7 @@ def test_exported_weights_give_transformers_our_logits():
   pv, grid = F.qwen_pixel_values(info, list(images))
   ids, mask = F.qwen_prompts(info, [[2, "image", 3], ["image", 1]], grid, seed=5)
   ref = F.qwen_reference_logits(info, ids, mask, pv, grid)
-  out = np.asarray(_forward(model, jnp.asarray(ids), jnp.asarray(images), jnp.asarray(mask)))
+  out = np.asarray(logits(model, jnp.asarray(ids), jnp.asarray(images), jnp.asarray(mask)))
   assert np.abs(out - ref)[mask.astype(bool)].max() < 1e-4
 
 
@@ -381,17 +369,16 @@ def test_sharded_and_bf16_forward_track_fp32():
   n = cfg.num_image_tokens
   ids = np.concatenate([np.full((4, 1), 7), np.full((4, 1), 4), np.full((4, n), 3), np.full((4, 1), 5),
                         np.arange(8, 12)[:, None]], axis=1).astype(np.int32)
-  forward = nnx.jit(lambda m, i, p: m(i, p))
-  ref = forward(model, jnp.asarray(ids), jnp.asarray(images))
+  ref = logits(model, jnp.asarray(ids), jnp.asarray(images))
   mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "model": 2})
   sharded = sharding.create_sharded(lambda: qwen25vl.Model("qwen2.5-vl-test", rngs=nnx.Rngs(0)), mesh)
   assert sharded.language_model.layers[0].mlp.gate_proj.kernel[...].sharding.spec == jax.sharding.PartitionSpec(
       "fsdp", "model")
   x = jax.device_put(jnp.asarray(ids), sharding.batch_sharding(mesh, 2))
-  out = forward(sharded, x, jnp.asarray(images))
+  out = logits(sharded, x, jnp.asarray(images))
   np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=1e-5)
   bf16 = qwen25vl.Model("qwen2.5-vl-test", rngs=nnx.Rngs(0), dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
   nnx.update(bf16, jax.tree.map(lambda v: v.astype(jnp.bfloat16), nnx.state(model, nnx.Param)))
-  b = forward(bf16, jnp.asarray(ids), jnp.asarray(images))
+  b = logits(bf16, jnp.asarray(ids), jnp.asarray(images))
   assert b.dtype == jnp.bfloat16
   assert np.abs(np.asarray(b, np.float32) - np.asarray(ref)).max() < 0.05 * np.abs(np.asarray(ref)).max()
